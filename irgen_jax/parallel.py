@@ -112,3 +112,17 @@ def to_host(tree: Any) -> Any:
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
   return jax.tree.map(fetch, tree)
+
+
+def create_replicated(init_fn: Any, mesh: Mesh) -> Any:
+  """Runs ``init_fn()`` so its outputs are born replicated over ``mesh`` (never gathered on one device).
+
+  The output shapes come from ``jax.eval_shape``; ``jax.jit`` with ``out_shardings`` then materializes
+  every leaf directly in its place. Data parallelism replicates parameters and optimizer state; an FSDP
+  variant would only change the shardings built here.
+  """
+  template = jax.eval_shape(init_fn)
+  if mesh.devices.size == 1:
+    return jax.jit(init_fn)()
+  shardings = jax.tree.map(lambda _: replicated(mesh), template)
+  return jax.jit(init_fn, out_shardings=shardings)()

@@ -1,0 +1,187 @@
+"""The training loop both stages share: resume, step, check, log, checkpoint, stop cleanly.
+
+A stage hands in its jitted ``train_step(state, batch) -> (state, metrics)``, a fresh state (created
+sharded), a grain iterator of this process's batch slices and a step count. The loop
+
+- resumes from the stage's latest checkpoint when there is one (state + iterator state),
+- calls an optional ``before_step(step, state) -> state`` hook (the tokenizer refits its codebooks
+  there at epoch boundaries),
+- checks that every step's loss is finite one step late (so dispatch stays asynchronous) and always
+  before a checkpoint is written: a non-finite loss stops the run naming the step, and nothing from
+  that step is saved,
+- writes metrics as JSON lines and TensorBoard events (process 0), with a progress bar,
+- saves every ``checkpoint_every`` steps and at the end, and on SIGTERM (a preemption notice) saves at
+  the next step boundary and raises ``Preempted`` (entry points exit with status 0: the run resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+import tqdm
+
+from irgen_jax import parallel
+from irgen_jax.trainers.checkpointing import Checkpointer
+
+log = logging.getLogger(__name__)
+
+
+class Preempted(Exception):
+  """Raised after a checkpoint was saved in response to SIGTERM; the run can be resumed."""
+
+
+class PreemptionGuard:
+  """Turns SIGTERM into a flag the loop checks at step boundaries (then saves and stops)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
+class MetricWriter:
+  """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``) under a stage directory."""
+
+  def __init__(self, directory: str, *, resume_step: int = 0):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(directory, "metrics.jsonl")
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(directory, exist_ok=True)
+    _drop_lines_after(self.path, resume_step)
+    from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+    self._tb = SummaryWriter(os.path.join(directory, "tb"))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in metrics.items():
+      self._tb.add_scalar(k, float(v), step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _drop_lines_after(path: str, step: int) -> None:
+  # A run killed between checkpoints logged steps it will now redo; keep the log a function of steps.
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+  with open(path + ".tmp", "w") as f:
+    f.writelines(lines)
+  os.replace(path + ".tmp", path)
+
+
+def _check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
+  host = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  loss = host.get("loss")
+  if loss is not None and not np.isfinite(loss):
+    raise FloatingPointError(
+        f"Non-finite loss ({loss}) at step {step + 1}; nothing from this step was saved. "
+        "Lower the learning rate, enable grad_clip, or check the input data.")
+  return host
+
+
+def train(
+    *,
+    stage_dir: str,
+    state: Any,
+    train_step: Callable[[Any, Any], tuple[Any, dict[str, Any]]],
+    data_iterator: Iterator[Any],
+    mesh: jax.sharding.Mesh,
+    total_steps: int,
+    checkpoint_every: int,
+    keep_checkpoints: int = 2,
+    log_every: int = 50,
+    before_step: Callable[[int, Any], Any] | None = None,
+    description: str = "train",
+) -> Any:
+  """Runs ``train_step`` until ``total_steps`` steps are done; returns the final state.
+
+  ``state`` is a freshly initialized state; when ``stage_dir/checkpoints`` holds a checkpoint it is
+  only used as the restore template. Steps are counted from 0; a checkpoint at step s holds the state
+  after s steps and the iterator positioned at batch s.
+  """
+  ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=keep_checkpoints)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, start = ckpt.restore(state, data_iterator)
+  writer = MetricWriter(stage_dir, resume_step=start)
+  bar = tqdm.tqdm(total=total_steps, initial=start, desc=description, unit="step",
+                  disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
+  pending: tuple[int, dict[str, Any]] | None = None
+  sums: dict[str, float] = {}
+  count = 0
+  t_log = time.perf_counter()
+
+  def settle(step_metrics):
+    nonlocal sums, count, t_log
+    step, metrics = step_metrics
+    host = _check_finite(step, metrics)
+    for k, v in host.items():
+      sums[k] = sums.get(k, 0.0) + v
+    count += 1
+    done = step + 1
+    if done % log_every == 0 or done == total_steps:
+      now = time.perf_counter()
+      averaged = {k: v / count for k, v in sums.items()}
+      averaged["steps_per_sec"] = count / max(now - t_log, 1e-9)
+      writer.write(done, averaged)
+      bar.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}", refresh=False)
+      sums, count, t_log = {}, 0, now
+
+  try:
+    with PreemptionGuard() as guard:
+      for step in range(start, total_steps):
+        if before_step is not None:
+          state = before_step(step, state)
+        batch = parallel.global_batch_from_local(next(data_iterator), mesh)
+        state, metrics = train_step(state, batch)
+        if pending is not None:
+          settle(pending)
+        pending = (step, metrics)
+        bar.update(1)
+        done = step + 1
+        if done % checkpoint_every == 0 or done == total_steps or guard.requested:
+          settle(pending)
+          pending = None
+          ckpt.save(done, state, data_iterator)
+          if guard.requested and done < total_steps:
+            ckpt.wait()
+            log.warning("SIGTERM: saved step %d under %s; stopping (resumable).", done, stage_dir)
+            raise Preempted(f"Preempted at step {done}; checkpoint saved.")
+      if pending is not None:
+        settle(pending)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  return state

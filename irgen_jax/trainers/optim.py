@@ -1,0 +1,74 @@
+"""The optimizer both stages use: AdamW, linear warmup then cosine decay, per-group learning rates.
+
+The paper fine-tunes a pretrained encoder at 0.01x the learning rate of the freshly initialized heads or
+decoder. Groups are named by the first key of the parameter path (``{"encoder": 0.01}``); a group's
+multiplier scales its whole AdamW update, which is the same as scaling its learning rate (optax's AdamW
+multiplies the decoupled weight decay by the learning rate too).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import optax
+
+
+def lr_schedule(*, lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+  warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)
+
+
+def _decay_mask(params):
+  # Decay matrices and kernels only: biases, LayerNorm scales and 1-D embeddings are left alone, the
+  # usual practice for transformers (decaying LayerNorm gains towards zero only hurts).
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _group_multipliers(params, multipliers: Mapping[str, float]):
+  def mult(path, _):
+    top = getattr(path[0], "key", None) if path else None
+    return float(multipliers.get(top, 1.0))
+  return jax.tree_util.tree_map_with_path(mult, params)
+
+
+def make_optimizer(
+    *, lr: float, total_steps: int, warmup_steps: int, weight_decay: float, b1: float, b2: float,
+    grad_clip: float = 0.0, lr_multipliers: Mapping[str, float] | None = None,
+) -> optax.GradientTransformation:
+  """AdamW with warmup + cosine, optional global-norm clipping and per-group learning rates.
+
+  Args:
+    lr: peak learning rate (of groups with multiplier 1).
+    total_steps: length of the schedule.
+    warmup_steps: linear warmup length.
+    weight_decay, b1, b2: AdamW hyper-parameters (paper: 0.05, 0.9, 0.96).
+    grad_clip: global-norm clip; 0 disables.
+    lr_multipliers: ``{top-level param name: multiplier}``, e.g. ``{"encoder": 0.01}``.
+  """
+  if total_steps <= 0:
+    raise ValueError(f"total_steps={total_steps}: expected a positive number of steps.")
+  if lr <= 0:
+    raise ValueError(f"lr={lr}: expected a positive learning rate.")
+  parts = []
+  if grad_clip:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adamw(lr_schedule(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps),
+                           b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask))
+  if lr_multipliers and any(m != 1.0 for m in lr_multipliers.values()):
+    mults = dict(lr_multipliers)
+
+    def init_fn(params):
+      del params
+      return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+      del params
+      scales = _group_multipliers(updates, mults)
+      return jax.tree.map(lambda u, s: u * s, updates, scales), state
+
+    parts.append(optax.GradientTransformation(init_fn, update_fn))
+  return optax.chain(*parts)
