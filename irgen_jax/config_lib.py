@@ -37,3 +37,98 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = value
   return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field a run reads, with the paper's settings (ViT-B/16 from CLIP, M=4, L=256, 12-block
+  decoder, 224² inputs); dataset configs override what differs. Field meanings are documented here."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Stages run in this order; a finished stage is skipped on re-runs: data, tokenizer (also assigns
+  # the identifiers and builds the index), retriever, evaluate (also writes the report).
+  c.stages = "data,tokenizer,retriever,evaluate"
+  c.compute_dtype = "bfloat16"   # activations; parameters and optimizer state stay float32
+
+  c.data = dict(
+      name="",              # a name from irgen_jax.data.registry
+      data_dir="",          # TFDS data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+      manual_dir="",        # datasets downloaded by hand (In-shop, ImageNet, folder datasets)
+      image_size=224,       # model input (square)
+      resize_size=256,      # eval: resize the shorter side, then center-crop image_size
+      crop_scale=(0.35, 1.0),  # train: random resized crop, range of the area fraction
+      flip=True,            # train: random horizontal flip
+      num_workers=0,        # grain worker processes per host (0 = in-process)
+      skip_corrupt=False,   # folder datasets: skip unreadable images (counted in the log)
+      max_database=0,       # >0: only the first N database images (smoke tests)
+      max_queries=0,        # >0: only the first N queries
+      # name="synthetic": generated class-structured stand-in images (runlocal variants, tests).
+      synthetic=dict(num_classes=0, image_shape=(0, 0, 3), num_database=0, num_queries=0),
+  )
+
+  # Identifiers: M tokens in [0, L). kind: "semantic" (the paper's tokenizer), "random" (random codes),
+  # "hkm" (hierarchical k-means over the tokenizer's features, hkm_clusters per level).
+  c.ids = dict(kind="semantic", length=4, codebook_size=256, hkm_clusters=100)
+
+  encoder = dict(
+      variant="B/16",       # from irgen_jax.models.vit's table; "" = the free sizes below
+      width=768, depth=12, num_heads=12, patch_size=16, mlp_ratio=4.0, act="quick_gelu",
+      init="clip",          # "clip" (weights from clip_path) | "random"
+      clip_path="",         # a Hugging Face CLIP directory or an OpenAI CLIP .pt file
+      remat=False,          # rematerialize blocks (less memory, ~30% more compute)
+  )
+  c.tokenizer = dict(
+      encoder=encoder,
+      proj_dim=0,           # >0: FC projection of f_cls to this width before quantization
+      shared_head=True,     # one classifier for every prefix reconstruction (as the reference)
+      lambda1=1.0,          # weight of the prefix-reconstruction classification losses (eq. 3)
+      lambda2=1.0,          # weight of the residual (commitment) terms (eq. 3)
+      batch_size=128, num_epochs=200.0,
+      lr=5e-4, encoder_lr_mult=0.01, warmup_steps=2000, weight_decay=0.05, b1=0.9, b2=0.96,
+      grad_clip=0.0,
+      refit_every_epochs=1,  # k-means refit of the codebooks between epochs (alternating optimization)
+      kmeans_iters=20, kmeans_init="kmeans++",
+  )
+  c.retriever = dict(
+      encoder_init="clip",  # "tokenizer" (the stage-1 encoder) | "clip" | "random"
+      encoder=encoder,      # architecture (and clip_path) when encoder_init is "clip" or "random"
+      decoder=dict(depth=12, width=768, num_heads=12, mlp_ratio=4.0, remat=False),
+      batch_size=512, num_epochs=200.0,
+      lr=8e-5, encoder_lr_mult=0.01, warmup_steps=2000, weight_decay=0.05, b1=0.9, b2=0.96,
+      grad_clip=0.0,
+      label_smoothing=0.1,
+      targets="class",      # "class": a uniformly random same-class database image (the paper)
+                            # "neighbors": one of the num_neighbors nearest same-class images in the
+                            # tokenizer's feature space (a within-class order for the decoder to learn)
+      num_neighbors=0,
+  )
+  c.search = dict(beam_size=30, query_batch_size=64)
+  c.eval = dict(
+      ks=(1, 2, 4, 8),
+      map_at=100,
+      baselines=("linear_scan", "faiss_ivfpq", "scann"),
+      ivf_nlist=100, pq_subspaces=4, pq_bits=8,
+      extra_encoder="",     # a CLIP checkpoint: baselines also over its features (paper's CLIP rows)
+      agreement_queries=500,  # queries whose beam top-K is compared with exhaustive scoring
+      gallery_queries=12,
+  )
+  c.checkpoint = dict(every_steps=1000, keep=2)
+  c.log_every_steps = 50
+  return c
+
+
+def runlocal_sizes(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a config in place so it runs on a laptop CPU in minutes (the `runlocal` variants)."""
+  c.compute_dtype = "float32"
+  c.data.update(max_database=256, max_queries=32, num_workers=0)
+  c.ids.codebook_size = 16
+  tiny = dict(variant="", width=32, depth=1, num_heads=2, patch_size=8, init="random", act="gelu")
+  c.tokenizer.encoder.update(tiny)
+  c.retriever.encoder.update(tiny)
+  c.retriever.decoder.update(depth=1, width=32, num_heads=2)
+  c.tokenizer.update(batch_size=32, num_epochs=2.0, warmup_steps=2, kmeans_iters=5, lr=1e-3,
+                     encoder_lr_mult=1.0)
+  c.retriever.update(batch_size=32, num_epochs=2.0, warmup_steps=2, lr=1e-3, encoder_lr_mult=1.0)
+  c.search.update(beam_size=8, query_batch_size=32)
+  c.eval.update(ivf_nlist=8, agreement_queries=16, gallery_queries=4)
+  c.checkpoint.every_steps = 4
+  c.log_every_steps = 2

@@ -1,0 +1,22 @@
+"""IRGen on Cars196 (train split = database, test split = queries).
+
+The TFDS cars196 builder's download URL is dead: place the archives in the manual dir as the registry's
+error message explains, then run the data stage once with TensorFlow installed (see README).
+`:runlocal` uses generated stand-in data.
+"""
+
+from irgen_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, runlocal=False, seed=0)
+  c = config_lib.base_config()
+  c.seed = arg.seed
+  c.data.name = "cars196"
+  c.eval.update(ks=(1, 2, 4, 8), ivf_nlist=200)
+  if arg.runlocal:
+    config_lib.runlocal_sizes(c)
+    c.data.update(name="synthetic", image_size=32, resize_size=36,
+                  synthetic=dict(num_classes=20, image_shape=(240, 360, 3), num_database=256,
+                                 num_queries=32))
+  return c
