@@ -132,3 +132,81 @@ def runlocal_sizes(c: ml_collections.ConfigDict) -> None:
   c.eval.update(ivf_nlist=8, agreement_queries=16, gallery_queries=4)
   c.checkpoint.every_steps = 4
   c.log_every_steps = 2
+
+
+STAGES = ("data", "tokenizer", "retriever", "evaluate")
+
+
+def stages(c: ml_collections.ConfigDict) -> list[str]:
+  """The config's stage list, in run order."""
+  names = [s.strip() for s in str(c.stages).split(",") if s.strip()]
+  unknown = [s for s in names if s not in STAGES]
+  if unknown or not names:
+    raise ValueError(f"config.stages={c.stages!r}: unknown stage(s) {unknown}; expected a comma-"
+                     f"separated subset of {', '.join(STAGES)}.")
+  return [s for s in STAGES if s in names]
+
+
+def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1,
+             dataset_names=None) -> None:
+  """Checks a config before any compute; every error names the field and what was expected."""
+  def need(ok, field, value, expected):
+    if not ok:
+      raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+
+  stages(c)
+  if dataset_names is not None:
+    need(c.data.name in dataset_names, "data.name", c.data.name,
+         f"one of {', '.join(sorted(dataset_names))}")
+  need(c.data.image_size > 0, "data.image_size", c.data.image_size, "a positive size")
+  need(c.data.resize_size >= c.data.image_size, "data.resize_size", c.data.resize_size,
+       f">= data.image_size ({c.data.image_size})")
+  lo, hi = c.data.crop_scale
+  need(0 < lo <= hi <= 1, "data.crop_scale", tuple(c.data.crop_scale), "0 < min <= max <= 1")
+  need(c.ids.kind in ("semantic", "random", "hkm"), "ids.kind", c.ids.kind,
+       "'semantic', 'random' or 'hkm'")
+  need(1 <= c.ids.length <= 16, "ids.length", c.ids.length, "an identifier length M in [1, 16]")
+  need(2 <= c.ids.codebook_size <= 65536, "ids.codebook_size", c.ids.codebook_size,
+       "a codebook size L in [2, 65536]")
+  for stage in ("tokenizer", "retriever"):
+    s = c[stage]
+    need(s.batch_size > 0 and s.batch_size % num_devices == 0, f"{stage}.batch_size", s.batch_size,
+         f"a positive multiple of the device count ({num_devices})")
+    need(s.batch_size % num_processes == 0, f"{stage}.batch_size", s.batch_size,
+         f"divisible by the process count ({num_processes})")
+    need(s.num_epochs > 0, f"{stage}.num_epochs", s.num_epochs, "> 0")
+    need(s.lr > 0, f"{stage}.lr", s.lr, "> 0")
+  enc_inits = {"tokenizer": ("clip", "random"), "retriever": ("tokenizer", "clip", "random")}
+  need(c.tokenizer.encoder.init in enc_inits["tokenizer"], "tokenizer.encoder.init",
+       c.tokenizer.encoder.init, "'clip' or 'random'")
+  need(c.retriever.encoder_init in enc_inits["retriever"], "retriever.encoder_init",
+       c.retriever.encoder_init, "'tokenizer', 'clip' or 'random'")
+  clip_users = []
+  if c.tokenizer.encoder.init == "clip":
+    clip_users.append("tokenizer.encoder")
+  if c.retriever.encoder_init == "clip":
+    clip_users.append("retriever.encoder")
+  for field in clip_users:
+    path = c[field.split(".")[0]].encoder.clip_path
+    need(bool(path), f"{field}.clip_path", path,
+         "the path of a CLIP checkpoint (a Hugging Face directory or an OpenAI .pt) because the "
+         "encoder is initialized from CLIP")
+    import os
+    need(os.path.exists(path), f"{field}.clip_path", path, "an existing file or directory")
+  need(c.tokenizer.lambda1 >= 0 and c.tokenizer.lambda2 >= 0, "tokenizer.lambda1/lambda2",
+       (c.tokenizer.lambda1, c.tokenizer.lambda2), "non-negative weights")
+  need(c.retriever.targets in ("class", "neighbors"), "retriever.targets", c.retriever.targets,
+       "'class' or 'neighbors'")
+  if c.retriever.targets == "neighbors":
+    need(c.retriever.num_neighbors > 0, "retriever.num_neighbors", c.retriever.num_neighbors,
+         "> 0 with targets='neighbors'")
+  need(0 <= c.retriever.label_smoothing < 1, "retriever.label_smoothing",
+       c.retriever.label_smoothing, "in [0, 1)")
+  need(c.search.beam_size >= 1, "search.beam_size", c.search.beam_size, ">= 1")
+  need(c.search.query_batch_size >= 1, "search.query_batch_size", c.search.query_batch_size, ">= 1")
+  ks = tuple(c.eval.ks)
+  need(len(ks) > 0 and all(k >= 1 for k in ks), "eval.ks", ks, "positive K values")
+  unknown = [b for b in c.eval.baselines if b not in ("linear_scan", "faiss_ivfpq", "scann")]
+  need(not unknown, "eval.baselines", tuple(c.eval.baselines),
+       "names among linear_scan, faiss_ivfpq, scann")
+  need(c.checkpoint.every_steps > 0, "checkpoint.every_steps", c.checkpoint.every_steps, "> 0")

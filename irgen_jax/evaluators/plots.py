@@ -1,0 +1,104 @@
+"""The report's figures as PNG bytes: precision@K against K, the precision-recall (TPR) curve (the paper's
+Figure 3), and MRR at 1/2/4/8 (Figure 4).
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, so no global
+backend switch and no interactive state leaks into (or from) the caller's process.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# One line style per search kind so a reader can tell the groups of Table 1 apart at a glance.
+_KIND_STYLE = {"linear_scan": "--", "faiss_ivfpq": ":", "scann": "-.", "beam_search": "-"}
+
+
+def _style(kind: str) -> dict:
+  return {"linestyle": _KIND_STYLE.get(kind, (0, (5, 1, 1, 1))),
+          "linewidth": 2.4 if kind == "beam_search" else 1.6}
+
+
+def _png(fig: Figure) -> bytes:
+  FigureCanvasAgg(fig)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  return buf.getvalue()
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str):
+  fig = Figure(figsize=(6.4, 4.4))
+  ax = fig.add_subplot()
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, alpha=0.3)
+  return fig, ax
+
+
+def _legend(ax, n: int) -> None:
+  # Many methods would hide the curves: put the legend under the axes instead.
+  if n > 5:
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small", frameon=False)
+  else:
+    ax.legend(fontsize="small")
+
+
+def precision_at_k_png(curves: Mapping[str, Mapping[str, np.ndarray]], kinds: Mapping[str, str],
+                       ks: Sequence[int], dataset: str) -> bytes:
+  """Precision@K (%) against K for every method; markers at the reported ks.
+
+  ``curves[name]`` holds ``k int [M]`` and ``precision float [M]`` (metrics.precision_recall_curve).
+  """
+  fig, ax = _new_axes(f"Precision@K — {dataset}", "K", "precision@K (%)")
+  for i, (name, c) in enumerate(curves.items()):
+    k, p = np.asarray(c["k"]), 100 * np.asarray(c["precision"])
+    line, = ax.plot(k, p, label=name, color=f"C{i % 10}", **_style(kinds[name]))
+    at = np.isin(k, ks)
+    ax.plot(k[at], p[at], "o", color=line.get_color(), markersize=5)
+  max_k = max(int(np.max(c["k"])) for c in curves.values())
+  if max_k >= 16:
+    # K spans orders of magnitude (1..100): a log axis keeps small K readable; ticks at powers of two,
+    # written as plain numbers.
+    ax.set_xscale("log", base=2)
+    ticks = [2**i for i in range(int(np.log2(max_k)) + 1)]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
+  ax.set_ylim(0, 101)
+  _legend(ax, len(curves))
+  return _png(fig)
+
+
+def precision_recall_png(curves: Mapping[str, Mapping[str, np.ndarray]], kinds: Mapping[str, str],
+                         dataset: str) -> bytes:
+  """Precision against recall (true-positive rate), one point per K = 1..max_k, in %."""
+  fig, ax = _new_axes(f"Precision-recall (TPR) over K — {dataset}", "recall = true-positive rate (%)",
+                      "precision (%)")
+  for i, (name, c) in enumerate(curves.items()):
+    ax.plot(100 * np.asarray(c["recall"]), 100 * np.asarray(c["precision"]), label=name,
+            color=f"C{i % 10}", **_style(kinds[name]))
+  # Recall only reaches #retrieved / #positives, often far below 100%: keep the x range to the data.
+  ax.set_xlim(left=0)
+  ax.set_ylim(0, 101)
+  _legend(ax, len(curves))
+  return _png(fig)
+
+
+def mrr_png(mrr: Mapping[str, Mapping[int, float]], kinds: Mapping[str, str], dataset: str) -> bytes:
+  """MRR@K (%) at the given Ks (the paper's 1, 2, 4, 8); ``mrr[name][K]`` in [0, 1]."""
+  fig, ax = _new_axes(f"MRR@K — {dataset}", "K", "MRR@K (%)")
+  all_ks: set[int] = set()
+  for i, (name, by_k) in enumerate(mrr.items()):
+    ks = sorted(by_k)
+    all_ks.update(ks)
+    ax.plot(ks, [100 * by_k[k] for k in ks], marker="o", label=name, color=f"C{i % 10}",
+            **_style(kinds[name]))
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
+  ax.minorticks_off()
+  _legend(ax, len(mrr))
+  return _png(fig)
