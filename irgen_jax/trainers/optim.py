@@ -23,9 +23,11 @@ def lr_schedule(*, lr: float, total_steps: int, warmup_steps: int) -> optax.Sche
 
 
 def _decay_mask(params):
-  # Decay matrices and kernels only: biases, LayerNorm scales and 1-D embeddings are left alone, the
-  # usual practice for transformers (decaying LayerNorm gains towards zero only hurts).
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  # Decay the Dense/Conv kernels only: biases, LayerNorm gains, class/position/token embeddings and the
+  # start token are left alone, the usual practice for transformers (CLIP fine-tunes included).
+  def is_kernel(path, _):
+    return bool(path) and getattr(path[-1], "key", None) == "kernel"
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def _group_multipliers(params, multipliers: Mapping[str, float]):
