@@ -12,7 +12,6 @@ checkpoints of params never touch them, and a refit is a new array, not a state 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -21,21 +20,6 @@ import jax.numpy as jnp
 import optax
 
 from irgen_jax.models import rq
-
-
-def _call_encoder(encoder: nn.Module, images: jax.Array, train: bool) -> jax.Array:
-  """``encoder(images, train=train)``, or ``encoder(images)`` for an encoder without a ``train`` argument.
-
-  Encoders without dropout or batch statistics (e.g. a CLIP ViT) need no train flag; passing one they
-  do not accept would be a TypeError, and silently ignoring ``train`` for one that has it would be
-  worse, so this asks the signature.
-  """
-  try:
-    params = inspect.signature(encoder.__call__).parameters
-  except (TypeError, ValueError):  # no introspectable signature: assume the full contract
-    return encoder(images, train=train)
-  takes_train = "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-  return encoder(images, train=train) if takes_train else encoder(images)
 
 
 class _LevelHeads(nn.Module):
@@ -56,8 +40,8 @@ class SemanticTokenizer(nn.Module):
   """Encoder + class-token feature + residual quantizer + classification heads.
 
   Attributes:
-    encoder: any linen module with ``encoder(images[, train=...]) -> tokens [B, 1+P, W]`` (token 0 is
-      the class token), e.g. ``models.vit.ViT``; ``train`` is passed when its ``__call__`` takes it.
+    encoder: any linen module with ``encoder(images, train=...) -> tokens [B, 1+P, W]`` (token 0 is
+      the class token), e.g. ``models.vit.ViT``.
       Its params sit under ``params['encoder']`` (the name the optimizer's per-group learning rates use).
     num_classes: C, classes of the supervision labels.
     num_levels: M, the number of codebooks the model is called with. Required for per-level heads
@@ -91,7 +75,7 @@ class SemanticTokenizer(nn.Module):
     Feature extraction for codebook fitting and for kNN baselines:
     ``model.apply(variables, images, method="features")``.
     """
-    tokens = _call_encoder(self.encoder, images, train)
+    tokens = self.encoder(images, train=train)
     if tokens.ndim != 3:
       raise ValueError(f"encoder returned shape {tokens.shape}: expected tokens [B, 1+P, W].")
     # float32 from here: RQ codes come from distance argmins, which low precision would perturb.

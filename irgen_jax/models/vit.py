@@ -203,7 +203,10 @@ class ViT(nn.Module):
                        f"for image_size={self.image_size}.")
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    # ``train`` is part of the encoder contract every model relies on; CLIP's tower has no dropout or
+    # batch statistics, so it changes nothing here.
+    del train
     self._check(images)
     d = self.width
     x = nn.Conv(d, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
