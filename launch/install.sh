@@ -20,6 +20,11 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q -r requirements-test.txt
+# The TPU compiler for ahead-of-time compilation (python -m irgen_jax.aot and its tests), kept out of
+# site-packages so CPU-only processes never load it (see requirements-tpu.txt).
+if [ ! -f .venv/tpu-compiler/libtpu/libtpu.so ]; then
+  .venv/bin/python -m pip install -q --target .venv/tpu-compiler -c constraints.txt -r requirements-tpu.txt
+fi
 if [ -n "${JAX_EXTRA:-}" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt "$JAX_EXTRA"
 fi
