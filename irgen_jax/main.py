@@ -17,6 +17,7 @@ stage resumes from its latest checkpoint. SIGTERM (preemption) saves and exits w
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -109,10 +110,8 @@ def run(config, workdir: str) -> None:
 
 def _data(config, workdir, mesh):
   del workdir, mesh
-  from irgen_jax.data import registry
-  d = config.data
-  return registry.prepare(d.name, data_dir=d.data_dir or None, manual_dir=d.manual_dir or None,
-                          skip_corrupt=d.skip_corrupt)
+  from irgen_jax.trainers import common
+  return common.prepare_dataset(config.data)
 
 
 def _tokenizer(config, workdir, mesh):
@@ -133,9 +132,19 @@ def _evaluate(config, workdir, mesh):
 _STAGES = {"data": _data, "tokenizer": _tokenizer, "retriever": _retriever, "evaluate": _evaluate}
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps the libraries' INFO chatter (orbax logs every save step by step) out of the run's log."""
+  _NOISY = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/jax/_src/")
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(p in record.pathname
+                                                            for p in self._NOISY)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   from irgen_jax import parallel
   parallel.maybe_initialize_distributed()
   from irgen_jax.trainers import loop

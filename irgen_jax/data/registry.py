@@ -91,7 +91,17 @@ SOURCES: dict[str, SourceSpec] = {
     "places365": SourceSpec("places365_small", "train", "validation", ("train",), local=False),
     "folder": SourceSpec("irgen_folder", "database", "query", ("database",), local=True,
                          manual="ROOT with database/<class>/<image> and query/<class>/<image>"),
+    # Generated stand-in images written as a folder dataset (synthetic.py); `runlocal` configs, tests.
+    "synthetic": SourceSpec("irgen_folder", "database", "query", ("database",), local=True),
 }
+
+
+# Classes of each source, for shape-only work that must not open the data (ahead-of-time compilation).
+# In-shop: the item ids of the train split and of the query/gallery splits together (3,997 + 3,985).
+NUM_CLASSES = {"fashion_mnist": 10, "inshop": 7982, "cub200": 200, "cars196": 196,
+               "imagenet2012": 1000, "places365": 365}
+NUM_DATABASE = {"fashion_mnist": 60000, "inshop": 12612, "cub200": 5994, "cars196": 8144,
+                "imagenet2012": 1281167, "places365": 1803460}
 
 
 def names() -> list[str]:
@@ -109,11 +119,24 @@ def spec(name: str) -> SourceSpec:
 # Preparing
 
 
-def _builder(name: str, data_dir: str | None, manual_dir: str | None, skip_corrupt: bool):
+def _default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _builder(name: str, data_dir: str | None, manual_dir: str | None, skip_corrupt: bool,
+             synthetic: dict | None = None):
   """The TFDS builder of ``name`` (ours are imported here so they register only when used)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = data_dir or None  # "" = TFDS's default data dir
   s = spec(name)
+  if name == "synthetic":
+    from irgen_jax.data import synthetic as synth  # pylint: disable=g-import-not-at-top
+    if not synthetic:
+      raise ValueError("Dataset 'synthetic' needs its shape: config.data.synthetic = dict("
+                       "num_classes, image_shape, num_database, num_queries).")
+    manual_dir = synth.generate(os.path.join(data_dir or _default_data_dir(), "irgen_synthetic"),
+                                **dict(synthetic))
+    name = "folder"
   if name == "fashion_mnist":
     from irgen_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
     return fashion_mnist.IrgenFashionMnist(data_dir=data_dir, source_dir=manual_dir or None)
@@ -150,16 +173,17 @@ def _not_prepared_error(name: str, builder) -> FileNotFoundError:
 
 
 def prepare(name: str, *, data_dir: str | None, manual_dir: str | None = None,
-            skip_corrupt: bool = False) -> dict[str, Any]:
+            skip_corrupt: bool = False, synthetic: dict | None = None) -> dict[str, Any]:
   """The ``data`` stage: builds the ArrayRecord files of ``name`` and its label caches; idempotent.
 
   Local sources build offline; catalogue ones are built with TFDS (TensorFlow required, downloads or
   manual files). Returns ``{'dir': prepared dir, 'splits': {split: records}, 'skipped': {split:
   [paths]}}``. Raises ``FileNotFoundError`` naming the missing path and how to provide it.
+  ``synthetic``: the generated data's shape when ``name`` is ``"synthetic"`` (see ``synthetic.py``).
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   s = spec(name)
-  builder = _builder(name, data_dir, manual_dir, skip_corrupt)
+  builder = _builder(name, data_dir, manual_dir, skip_corrupt, synthetic)
   if not builder.is_prepared():
     if s.local:
       builder.check_source()  # a missing download is our error naming the path, before TFDS starts
@@ -244,7 +268,7 @@ def query_sample(num_records: int, size: int, seed: int = IMAGENET_QUERY_SEED) -
 
 
 def load(name: str, *, data_dir: str | None, manual_dir: str | None = None, max_database: int = 0,
-         max_queries: int = 0, skip_corrupt: bool = False) -> Dataset:
+         max_queries: int = 0, skip_corrupt: bool = False, synthetic: dict | None = None) -> Dataset:
   """Opens a prepared dataset (building local sources on first use) and validates it.
 
   ``max_database`` > 0 keeps the first N database records (and, for In-shop, the first N of its train
@@ -256,12 +280,13 @@ def load(name: str, *, data_dir: str | None, manual_dir: str | None = None, max_
   s = spec(name)
   if max_database < 0 or max_queries < 0:
     raise ValueError(f"max_database={max_database} and max_queries={max_queries} must be >= 0.")
-  builder = _builder(name, data_dir, manual_dir, skip_corrupt)
+  builder = _builder(name, data_dir, manual_dir, skip_corrupt, synthetic)
   if not builder.is_prepared():
     if not s.local:
       raise _not_prepared_error(name, builder)
-    prepare(name, data_dir=data_dir, manual_dir=manual_dir, skip_corrupt=skip_corrupt)
-    builder = _builder(name, data_dir, manual_dir, skip_corrupt)
+    prepare(name, data_dir=data_dir, manual_dir=manual_dir, skip_corrupt=skip_corrupt,
+            synthetic=synthetic)
+    builder = _builder(name, data_dir, manual_dir, skip_corrupt, synthetic)
   _check_array_record(name, builder)
   decoder = records.ExampleDecoder.for_features(builder.info.features, builder.name)
   readers = {split: _reader(builder, split) for split in {s.database, s.query, *s.train}}

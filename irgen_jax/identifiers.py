@@ -1,0 +1,67 @@
+"""Image identifiers: M tokens in [0, L) for every database image, by the kind the config names.
+
+- ``semantic`` (the paper): residual quantization of the tokenizer's f_cls, codebooks fit by k-means on
+  the final features (``models.rq``).
+- ``random``: uniformly random codes (the paper's "Random" ablation, Table 3).
+- ``hkm``: hierarchical k-means over the tokenizer's features (the "HKM_k" ablation, as DSI/NCI build
+  document identifiers): ``k`` clusters at the first level, each cluster split into ``k`` again, and so
+  on for M levels; a group of at most ``k`` points gets one code per point.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from irgen_jax.models import rq
+
+
+def assign(kind: str, features: np.ndarray, *, length: int, codebook_size: int, seed: int,
+           kmeans_iters: int = 20, kmeans_init: str = "kmeans++", hkm_clusters: int = 100
+           ) -> tuple[np.ndarray, dict[str, Any]]:
+  """Codes ``int32 [N, length]`` for ``features float32 [N, D]``, and the arrays that define them
+  (``codebooks`` for ``semantic``)."""
+  features = np.asarray(features, np.float32)
+  if features.ndim != 2 or not len(features):
+    raise ValueError(f"features have shape {features.shape}: expected [N>0, D].")
+  if kind == "semantic":
+    codebooks = rq.fit_residual_codebooks(features, length, codebook_size, iters=kmeans_iters,
+                                          init=kmeans_init, seed=seed)
+    return rq.encode(features, codebooks), {"codebooks": codebooks}
+  if kind == "random":
+    rng = np.random.default_rng([seed, 0xC0DE])
+    return rng.integers(0, codebook_size, size=(len(features), length), dtype=np.int32), {}
+  if kind == "hkm":
+    if not 2 <= hkm_clusters <= codebook_size:
+      raise ValueError(f"ids.hkm_clusters={hkm_clusters}: expected 2 <= k <= ids.codebook_size "
+                       f"({codebook_size}).")
+    return hierarchical_kmeans(features, levels=length, clusters=hkm_clusters, iters=kmeans_iters,
+                               seed=seed), {}
+  raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
+
+
+def hierarchical_kmeans(features: np.ndarray, *, levels: int, clusters: int, iters: int,
+                        seed: int) -> np.ndarray:
+  """Codes ``int32 [N, levels]``: level m splits every group of equal codes[:, :m] into ``clusters``."""
+  import faiss  # imported here: only this ablation needs it
+
+  n = len(features)
+  codes = np.zeros((n, levels), np.int32)
+  groups = [np.arange(n)]
+  for m in range(levels):
+    next_groups = []
+    for g, members in enumerate(groups):
+      if len(members) <= clusters:
+        # Small group: one code per point (in database order), nothing left to split.
+        codes[members, m] = np.arange(len(members))
+        continue
+      km = faiss.Kmeans(features.shape[1], clusters, niter=iters, seed=seed + 7919 * m + g,
+                        verbose=False, min_points_per_centroid=1)
+      km.train(features[members])
+      _, assignment = km.index.search(features[members], 1)
+      assignment = assignment[:, 0].astype(np.int32)
+      codes[members, m] = assignment
+      next_groups.extend(members[assignment == c] for c in range(clusters) if (assignment == c).any())
+    groups = [grp for grp in next_groups if len(grp) > 1]
+  return codes

@@ -1,0 +1,213 @@
+"""Stage 2: train the encoder-decoder to emit the identifier of a same-class database image.
+
+Pairs (x1, x2): x1 is a training image (augmented), x2 a database image of its class drawn anew every
+epoch (``data.pairs.PairSampler``): uniformly from the class (the paper), or, with
+``retriever.targets="neighbors"``, from x1's ``num_neighbors`` nearest same-class database images in the
+tokenizer's feature space, which gives the decoder a within-class order to learn. The loss is
+label-smoothed cross-entropy over the M tokens of x2's identifier (teacher forcing). The encoder starts
+from the stage-1 encoder, from CLIP, or from scratch; it trains at ``encoder_lr_mult`` x the decoder's
+learning rate.
+
+Outputs: ``WORKDIR/retriever/params/`` (final parameters), metrics and checkpoints beside them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from irgen_jax import parallel
+from irgen_jax.models import retriever as retriever_model
+from irgen_jax.trainers import checkpointing, common, loop, optim
+from irgen_jax.trainers import tokenizer as tokenizer_trainer
+
+log = logging.getLogger(__name__)
+
+
+def encoder_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The encoder section the retriever's encoder is built from (the tokenizer's when it inherits)."""
+  return c.tokenizer.encoder if c.retriever.encoder_init == "tokenizer" else c.retriever.encoder
+
+
+def build_model(c: ml_collections.ConfigDict) -> retriever_model.Retriever:
+  r, e = c.retriever, encoder_config(c)
+  from_clip = e.init == "clip" if c.retriever.encoder_init == "tokenizer" else r.encoder_init == "clip"
+  dtype = common.compute_dtype(c)
+  enc = common.encoder(e, image_size=c.data.image_size, dtype=dtype, from_clip=from_clip)
+  d = r.decoder
+  return retriever_model.Model(enc, width=d.width, depth=d.depth, num_heads=d.num_heads,
+                               mlp_ratio=d.mlp_ratio, num_levels=c.ids.length,
+                               num_tokens=c.ids.codebook_size, dtype=dtype,
+                               remat=d.get("remat", False))
+
+
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  r = c.retriever
+  return optim.make_optimizer(
+      lr=r.lr, total_steps=total_steps, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
+      b1=r.b1, b2=r.b2, grad_clip=r.grad_clip, lr_multipliers={"encoder": r.encoder_lr_mult})
+
+
+def init_fn(model, tx, c: ml_collections.ConfigDict):
+  s, m = c.data.image_size, c.ids.length
+
+  def init():
+    params = model.init(common.init_key(c.seed, 3), jnp.zeros((1, s, s, 3), jnp.float32),
+                        jnp.zeros((1, m), jnp.int32))["params"]
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(common.init_key(c.seed, 4))}
+  return init
+
+
+def sequence_loss(logits: jax.Array, codes: jax.Array, label_smoothing: float):
+  """Label-smoothed CE over ``logits float32 [B, M, L]`` of ``codes int [B, M]``, and accuracies."""
+  num_tokens = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(codes, num_tokens), label_smoothing)
+  loss = optax.softmax_cross_entropy(logits, targets).mean()
+  hit = jnp.argmax(logits, -1) == codes
+  metrics = {f"acc_l{m + 1}": hit[:, m].mean() for m in range(codes.shape[1])}
+  metrics["acc_sequence"] = hit.all(axis=1).mean()
+  metrics["nll"] = optax.softmax_cross_entropy_with_integer_labels(logits, codes).sum(-1).mean()
+  return loss, metrics
+
+
+def make_train_step(model, tx, c: ml_collections.ConfigDict):
+  smoothing = float(c.retriever.label_smoothing)
+
+  def train_step(state, batch, codes_table):
+    codes = codes_table[batch["target_index"]]
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["image"], codes, train=True)
+      return sequence_loss(logits, codes, smoothing)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    return dict(state, params=params, opt=opt, step=state["step"] + 1), metrics
+
+  return jax.jit(train_step, donate_argnums=(0,))
+
+
+def neighbor_candidates(train_features: np.ndarray, train_labels: np.ndarray,
+                        database_features: np.ndarray, database_labels: np.ndarray,
+                        k: int) -> np.ndarray:
+  """int64 [N_train, k]: each train image's k nearest same-class database images (L2 on f_cls),
+  nearest first, -1 padded where the class has fewer than k images."""
+  import faiss  # only this option needs it
+  out = np.full((len(train_labels), k), -1, np.int64)
+  for label in np.unique(train_labels):
+    db_rows = np.flatnonzero(database_labels == label)
+    if not len(db_rows):
+      continue
+    tr_rows = np.flatnonzero(train_labels == label)
+    index = faiss.IndexFlatL2(database_features.shape[1])
+    index.add(np.ascontiguousarray(database_features[db_rows], np.float32))
+    kk = min(k, len(db_rows))
+    _, nn = index.search(np.ascontiguousarray(train_features[tr_rows], np.float32), kk)
+    out[tr_rows[:, None], np.arange(kk)[None]] = db_rows[nn]
+  return out
+
+
+def _pair_sampler(c, ds, workdir, mesh):
+  from irgen_jax.data import pairs
+  candidates = None
+  if c.retriever.targets == "neighbors":
+    db_feats = np.load(os.path.join(workdir, "tokenizer", "database_features.npy"))
+    if ds.train is ds.database:
+      train_feats = db_feats
+    else:
+      tok_model, tok_params = tokenizer_trainer.load_params(c, workdir, ds.num_classes)
+      train_feats = tokenizer_trainer.database_features(tok_model, tok_params, ds.train, c, mesh,
+                                                         description="train features")
+    candidates = neighbor_candidates(train_feats, ds.labels("train"), db_feats,
+                                     ds.labels("database"), c.retriever.num_neighbors)
+  return pairs.PairSampler(ds.labels("train"), ds.labels("database"), seed=c.seed,
+                           candidates=candidates)
+
+
+def initial_params(c, workdir: str, state_params, num_classes: int):
+  """The encoder's starting weights, per ``retriever.encoder_init``; the decoder stays random."""
+  params = jax.device_get(state_params)
+  if c.retriever.encoder_init == "tokenizer":
+    _, tok_params = tokenizer_trainer.load_params(c, workdir, num_classes)
+    return dict(params, encoder=jax.device_get(tok_params["encoder"]))
+  if c.retriever.encoder_init == "clip":
+    return common.graft_clip(params, c.retriever.encoder.clip_path, at="encoder")
+  return params
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
+  from irgen_jax.data import pipeline
+
+  r = c.retriever
+  ds = common.load_dataset(c.data)
+  stage = common.stage_dir(workdir, "retriever")
+  codes = tokenizer_trainer.load_identifiers(workdir)["codes"]
+  if codes.shape != (len(ds.database), c.ids.length):
+    raise ValueError(f"The identifiers in {workdir}/tokenizer have shape {codes.shape}; the database "
+                     f"has {len(ds.database)} images and ids.length={c.ids.length}. Was the tokenizer "
+                     "stage run with another config?")
+  model = build_model(c)
+  sampler = _pair_sampler(c, ds, workdir, mesh)
+  steps_per_epoch = pipeline.steps_per_epoch(len(sampler.eligible), r.batch_size)
+  total = common.epochs_to_steps(r.num_epochs, steps_per_epoch)
+  tx = make_optimizer(c, total)
+  state = parallel.create_replicated(init_fn(model, tx, c), mesh)
+  if not os.path.isdir(os.path.join(stage, "checkpoints")):
+    # AdamW's state is zeros whatever the params: only the params change.
+    state = dict(state, params=parallel.replicate(
+        initial_params(c, workdir, state["params"], ds.num_classes), mesh))
+  log.info("Retriever: %d training pairs per epoch, %d steps/epoch, %d steps.",
+           len(sampler.eligible), steps_per_epoch, total)
+  codes_table = parallel.replicate(jnp.asarray(codes, jnp.int32), mesh)
+  step = functools.partial(make_train_step(model, tx, c), codes_table=codes_table)
+  it = pipeline.train_iterator(ds.train, global_batch_size=r.batch_size,
+                               image_size=c.data.image_size, seed=c.seed + 1,
+                               crop_scale=c.data.crop_scale, flip=c.data.flip, pairs=sampler,
+                               num_workers=c.data.num_workers)
+  state = loop.train(stage_dir=stage, state=state, train_step=step, data_iterator=it, mesh=mesh,
+                     total_steps=total, checkpoint_every=c.checkpoint.every_steps,
+                     keep_checkpoints=c.checkpoint.keep, log_every=c.log_every_steps,
+                     description="retriever")
+  if jax.process_index() == 0:
+    checkpointing.save_params(os.path.join(stage, "params"), jax.device_get(state["params"]))
+  counts = retriever_model.param_counts(model, (c.data.image_size, c.data.image_size, 3))
+  return {"steps": total, "param_counts": counts}
+
+
+def load_params(c, workdir: str):
+  """The trained retriever ``(model, params)`` from ``WORKDIR/retriever/params``."""
+  model = build_model(c)
+  tx = optax.identity()
+  template = jax.eval_shape(init_fn(model, tx, c))["params"]
+  return model, checkpointing.load_params(os.path.join(workdir, "retriever", "params"), template)
+
+
+def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+  """The train step as ``(jitted, abstract args)`` for ahead-of-time compilation (shapes only)."""
+  model = build_model(c)
+  tx = make_optimizer(c, total_steps=1000)
+  rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                       jax.eval_shape(init_fn(model, tx, c)))
+  s, b = c.data.image_size, c.retriever.batch_size
+  batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=sharded),
+           "target_index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
+  from irgen_jax.data import registry
+  num_db = (c.data.synthetic.num_database if c.data.name == "synthetic"
+            else registry.NUM_DATABASE.get(c.data.name))
+  if not num_db:
+    raise ValueError(f"config.data.name={c.data.name!r}: its database size is not known without the "
+                     "data; ahead-of-time compilation supports the catalogue datasets.")
+  table = jax.ShapeDtypeStruct((num_db, c.ids.length), jnp.int32, sharding=rep)
+  return {"retriever_train_step": (make_train_step(model, tx, c), (state, batch, table))}
