@@ -1,0 +1,349 @@
+"""Beam search against brute force, with a toy scorer given by random transition tables (no network).
+
+The toy "model" hashes (query, whole prefix) into rows of random tables, carries the running hash, the
+token history and a float accumulator in its cache (so a wrong cache reorder changes the scores), and is
+re-implemented independently in numpy to recompute every log-probability.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from irgen_jax import beam_search as bs
+from irgen_jax.index import Index
+
+V = 4093  # hash buckets of the toy tables
+
+
+def _mix(x, xp):
+  """A 32-bit integer hash (same in numpy and jnp: uint32 arithmetic wraps)."""
+  x = x ^ (x >> 16)
+  x = x * xp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * xp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def toy_params(num_tokens, seed=0, scale=3.0):
+  rng = np.random.default_rng(seed)
+  return {"a": (scale * rng.standard_normal((V, num_tokens))).astype(np.float32),
+          "b": (scale * rng.standard_normal((V, num_tokens))).astype(np.float32),
+          "w": rng.standard_normal(num_tokens).astype(np.float32)}
+
+
+def make_toy_decode_fns(num_levels, counter=None):
+  """Decode functions whose logits depend on the query and the whole prefix; queries are int32 [Q]."""
+  m = num_levels
+  coef = (np.arange(m, dtype=np.uint32) * np.uint32(2654435761) + np.uint32(12345)).astype(np.uint32)
+
+  def init(params, queries):
+    if counter is not None:
+      counter.append(1)  # runs once per trace
+    return {"q": _mix(queries.astype(jnp.uint32) + jnp.uint32(1), jnp)}
+
+  def init_cache(q, b):
+    return {"h": jnp.zeros((q, b), jnp.uint32), "hist": jnp.zeros((q, b, m), jnp.int32),
+            "acc": jnp.zeros((q, b), jnp.float32)}
+
+  def step(params, context, cache, prev, t):
+    q, b = prev.shape
+    if t == 0:
+      h = jnp.broadcast_to(context["q"][:, None], (q, b))
+      hist, acc = cache["hist"], cache["acc"]
+    else:
+      h = _mix(cache["h"] * jnp.uint32(1000003) + prev.astype(jnp.uint32) + jnp.uint32(1), jnp)
+      hist = cache["hist"].at[:, :, t - 1].set(prev)
+      acc = cache["acc"] + 0.25 * prev.astype(jnp.float32)
+    h2 = _mix((hist.astype(jnp.uint32) * jnp.asarray(coef)).sum(-1, dtype=jnp.uint32)
+              + context["q"][:, None] + jnp.uint32(t), jnp)
+    logits = (params["a"][(h % V).astype(jnp.int32)] + 0.5 * params["b"][(h2 % V).astype(jnp.int32)]
+              + 0.1 * acc[..., None] * params["w"])
+    return logits, {"h": h, "hist": hist, "acc": acc}
+
+  return bs.DecodeFunctions(init, init_cache, step)
+
+
+def numpy_logprob(params, query, identifier):
+  """Log-probability (float64) of one identifier for one query: the toy model, re-implemented in numpy."""
+  m = len(identifier)
+  coef = (np.arange(m, dtype=np.uint32) * np.uint32(2654435761) + np.uint32(12345)).astype(np.uint32)
+  qh = _mix(np.array([query], np.uint32) + np.uint32(1), np)
+  h, hist, acc, total = qh, np.zeros(m, np.uint32), 0.0, 0.0
+  for t in range(m):
+    if t > 0:
+      prev = identifier[t - 1]
+      h = _mix(h * np.uint32(1000003) + np.uint32(prev) + np.uint32(1), np)
+      hist[t - 1] = prev
+      acc = np.float32(acc + np.float32(0.25) * np.float32(prev))
+    h2 = _mix(np.array([(hist * coef).sum(dtype=np.uint32)], np.uint32) + qh + np.uint32(t), np)
+    logits = (params["a"][int(h[0] % V)].astype(np.float64) + 0.5 * params["b"][int(h2[0] % V)]
+              + 0.1 * float(acc) * params["w"])
+    logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    total += logp[identifier[t]]
+  return total
+
+
+def brute_force(params, queries, index: Index, top_k):
+  """Exact top-K images per query by enumeration: ids [Q, K], scores [Q, K], identifier scores [Q, U]."""
+  idents = index.identifiers()
+  all_scores = np.array([[numpy_logprob(params, q, u) for u in idents] for q in queries])
+  ids = np.full((len(queries), top_k), -1)
+  scores = np.full((len(queries), top_k), -np.inf)
+  for i in range(len(queries)):
+    order = np.argsort(-all_scores[i], kind="stable")
+    images = [(img, all_scores[i, u]) for u in order for img in index.images_of(u)][:top_k]
+    ids[i, :len(images)] = [x for x, _ in images]
+    scores[i, :len(images)] = [s for _, s in images]
+  return ids, scores, all_scores
+
+
+def _index_cases():
+  rng = np.random.default_rng(0)
+  pool = rng.integers(0, 40, (9, 3))
+  return {
+      "random": (rng.integers(0, 40, (150, 3)), 40),                    # W = 2 words, U ~ 150
+      "heavy_collisions": (pool[rng.integers(0, 9, 200)], 40),           # 9 identifiers, 200 images
+      "tiny": (np.array([[3, 1, 4], [3, 1, 5], [3, 9, 2]]), 40),          # U = 3: fewer than B
+      "one_image": (np.array([[7, 7, 7]]), 40),
+      "narrow_prefixes": (np.concatenate([np.tile([[0, 0]], (5, 1)), rng.integers(0, 8, (40, 2))]), 8),
+      "L256_M4": (rng.integers(0, 256, (120, 4)), 256),
+  }
+
+
+QUERIES = np.array([0, 1, 2, 17, 123456], np.int32)
+TOP_K = 12
+ROWS, FANOUT = 256, 64  # the M=3, L=40 cases share padded table shapes, so they share compiled programs
+BEAMS = (1, 5, 160)  # 160 >= U of every M=3, L=40 case: the search must then be exact
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name):
+  """(codes, L, params, brute-force ids, scores, identifier scores) of an index case, computed once."""
+  codes, l = _index_cases()[name]
+  params = toy_params(l)
+  return (codes, l, params, *brute_force(params, QUERIES, Index.build(codes, l), TOP_K))
+
+
+def padded_arrays(index: Index) -> bs.IndexArrays:
+  """Device tables padded to ROWS rows and sparse fan-out FANOUT (Index.device_arrays pads to its buckets)."""
+  def pad(a, fill=0, extra=0):
+    if a is None:
+      return None
+    assert a.shape[0] <= ROWS + extra
+    return jnp.asarray(np.concatenate([a, np.full((ROWS + extra - a.shape[0], *a.shape[1:]), fill, a.dtype)]))
+  assert max(index.max_fanout(d) for d in range(index.num_levels)) <= FANOUT
+  return bs.IndexArrays(first_child=tuple(pad(f, f[-1], extra=1) for f in index.first_child),
+                        child_token=tuple(pad(t) for t in index.child_token),
+                        masks=tuple(pad(m) for m in index.masks),
+                        word_rank=tuple(pad(r) for r in index.word_rank),
+                        offsets=pad(index.offsets, index.num_images, extra=1),
+                        image_ids=pad(index.image_ids, -1), num_tokens=index.num_tokens,
+                        max_fanout=tuple(0 if m is not None else FANOUT for m in index.masks))
+
+
+def device_tables(index: Index) -> bs.IndexArrays:
+  if index.num_levels == 3 and index.num_tokens == 40 and index.layout != "auto":
+    return padded_arrays(index)
+  return index.device_arrays()
+
+
+@pytest.fixture(scope="module")
+def toy():
+  return {m: make_toy_decode_fns(m) for m in (2, 3, 4)}
+
+
+def check_result(res, index, params, beam, top_k):
+  """Every beam valid and distinct, scores true, images = the beams' images in order, padding."""
+  valid = {tuple(x) for x in index.identifiers()}
+  u = index.num_identifiers
+  for i, q in enumerate(QUERIES):
+    alive = np.isfinite(res.identifier_scores[i])
+    # Dead beams only where fewer than B identifiers exist, and always at the end.
+    assert alive.sum() == min(beam, u) and alive[:alive.sum()].all()
+    beams = [tuple(x) for x in res.identifiers[i][alive]]
+    assert set(beams) <= valid and len(set(beams)) == len(beams)
+    np.testing.assert_allclose(res.identifier_scores[i][alive],
+                               [numpy_logprob(params, q, b) for b in beams], rtol=1e-5, atol=1e-4)
+    assert (np.diff(res.identifier_scores[i][alive]) <= 0).all()
+    # Images: exactly the beams' images in beam order (database order within a beam), cut at K.
+    images = [(img, s) for b, s in zip(beams, res.identifier_scores[i][alive]) for img in index.lookup(b)]
+    images = images[:top_k]
+    n = len(images)
+    np.testing.assert_array_equal(res.image_ids[i, :n], [x for x, _ in images])
+    np.testing.assert_array_equal(res.scores[i, :n], np.float32([s for _, s in images]))
+    assert (res.image_ids[i, n:] == -1).all() and np.isneginf(res.scores[i, n:]).all()
+    assert len(set(res.image_ids[i, :n])) == n
+
+
+# The M=3, L=40 cases run with every level dense and every level sparse (fan-out slots scattered); the
+# others with the default mixed layout (L256_M4: dense root, sparse levels below with compared slots).
+CASES = [(name, layout) for name in ("random", "heavy_collisions", "tiny", "one_image")
+         for layout in ("dense", "sparse")] + [("narrow_prefixes", "auto"), ("L256_M4", "auto")]
+
+
+@pytest.mark.parametrize("name, layout", CASES)
+def test_beam_search_against_brute_force(toy, name, layout):
+  codes, l, params, want_ids, want_scores, _ = reference(name)
+  index = Index.build(codes, l, layout=layout)
+  m, u = codes.shape[1], index.num_identifiers
+  fns, arrays = toy[m], device_tables(index)
+  beams = BEAMS if (m, l) == (3, 40) else (4, u + 3) if m == 2 else (1, 12, u + 3)
+  assert beams[-1] > u
+  for beam in beams:
+    res = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, jnp.asarray(QUERIES),
+                                                   beam_size=beam, top_k=TOP_K))
+    check_result(res, index, params, beam, TOP_K)
+    if beam >= u:  # enough beams to keep every prefix: the exact answer
+      np.testing.assert_array_equal(res.image_ids, want_ids)
+      np.testing.assert_allclose(res.scores, want_scores, rtol=1e-5, atol=1e-4)
+    if name == "random" and beam == 1:  # the toy is hard enough that greedy search is not exact
+      assert (res.image_ids[:, 0] != want_ids[:, 0]).any()
+
+
+def test_exhaustive_scorer_against_brute_force(toy):
+  codes, l, params, want_ids, want_scores, all_scores = reference("random")
+  index = Index.build(codes, l)
+  fns = toy[codes.shape[1]]
+  idents = jnp.asarray(index.identifiers())
+  got = bs.score_identifiers(fns, params, jnp.asarray(QUERIES), idents, num_tokens=l, chunk=16)
+  np.testing.assert_allclose(np.asarray(got), all_scores, rtol=1e-5, atol=1e-4)
+  res = bs.exhaustive_search(fns, params, index.device_arrays(), idents, jnp.asarray(QUERIES), top_k=TOP_K,
+                             chunk=16)
+  np.testing.assert_array_equal(np.asarray(res.image_ids), want_ids)
+  np.testing.assert_allclose(np.asarray(res.scores), want_scores, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(res.identifier_scores), -np.sort(-all_scores, axis=1)[:, :TOP_K],
+                             rtol=1e-5, atol=1e-4)
+  # The host wrapper (5 queries padded to a batch of 8) gives the same.
+  ids, scores = bs.search_exhaustive(fns, params, index, QUERIES, top_k=TOP_K, max_batch=8, chunk=16)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-4)
+
+
+def test_large_beam_equals_exhaustive_scorer(toy):
+  """The oracle relation used with the real model: B >= U gives exactly the exhaustive top-K."""
+  codes, l = _index_cases()["heavy_collisions"]  # 9 identifiers, 200 images: K cuts inside a beam
+  index = Index.build(codes, l, layout="sparse")
+  params, fns, arrays = toy_params(l, seed=3), toy[3], device_tables(index)
+  q = jnp.asarray(QUERIES)
+  beam = bs.beam_search(fns, params, arrays, q, beam_size=160, top_k=TOP_K)
+  exact = bs.exhaustive_search(fns, params, arrays, jnp.asarray(index.identifiers()), q, top_k=TOP_K,
+                               chunk=16)
+  np.testing.assert_array_equal(np.asarray(beam.image_ids), np.asarray(exact.image_ids))
+  np.testing.assert_allclose(np.asarray(beam.scores), np.asarray(exact.scores), rtol=1e-6, atol=1e-5)
+  assert (np.asarray(exact.image_ids) >= 0).all()
+
+
+def test_one_hot_reorder_agrees_with_gather(toy):
+  codes, l, params, *_ = reference("L256_M4")
+  arrays, q = Index.build(codes, l).device_arrays(), jnp.asarray(QUERIES)
+  ref = bs.beam_search(toy[4], params, arrays, q, beam_size=12, top_k=TOP_K)  # compiled above already
+  one_hot = bs.beam_search(toy[4], params, arrays, q, beam_size=12, top_k=TOP_K, reorder="one_hot")
+  np.testing.assert_array_equal(np.asarray(one_hot.image_ids), np.asarray(ref.image_ids))
+  np.testing.assert_allclose(np.asarray(one_hot.scores), np.asarray(ref.scores), rtol=1e-6)
+
+
+def test_unconstrained_mode_ignores_the_index(toy):
+  codes, l = _index_cases()["tiny"]
+  index = Index.build(codes, l, layout="dense")
+  res = bs.beam_search(toy[3], toy_params(l), device_tables(index), jnp.asarray(QUERIES), beam_size=4,
+                       top_k=12, constrained=False)
+  assert np.isfinite(np.asarray(res.identifier_scores)).all()  # 4 live beams; the index has 3 identifiers
+  assert (np.asarray(res.image_ids) == -1).all()
+
+
+def test_search_wrapper_pads_to_buckets_without_retracing():
+  codes, l = _index_cases()["random"]
+  index = Index.build(codes, l)
+  params, arrays = toy_params(l), index.device_arrays()
+  traces = []
+  fns = make_toy_decode_fns(3, counter=traces)
+  queries = np.arange(40, dtype=np.int32)
+  kw = dict(beam_size=4, top_k=5, max_batch=8)
+  assert bs.batch_buckets(8) == (1, 2, 4, 8) and bs.batch_buckets(12) == (1, 2, 4, 8, 12)
+  ref_ids, ref_scores = bs.search(fns, params, arrays, queries, **kw)  # chunks of 8: one trace
+  assert len(traces) == 1
+  for n in (5, 6, 7, 8, 21):  # 21 = 8 + 8 + 5: still bucket 8
+    ids, scores = bs.search(fns, params, arrays, queries[:n], **kw)
+    np.testing.assert_array_equal(ids, ref_ids[:n])
+    np.testing.assert_array_equal(scores, ref_scores[:n])
+  assert len(traces) == 1
+  bs.search(fns, params, arrays, queries[:3], **kw)  # bucket 4: a second program
+  bs.search(fns, params, arrays, queries[:4], **kw)
+  assert len(traces) == 2
+  # Per-query results do not depend on the batch a query was padded into.
+  ids, _ = bs.search(fns, params, arrays, queries[:3], **kw)
+  np.testing.assert_array_equal(ids, ref_ids[:3])
+  empty_ids, empty_scores = bs.search(fns, params, arrays, queries[:0], **kw)
+  assert empty_ids.shape == (0, 5) and empty_scores.shape == (0, 5)
+  # An index that grew by a few images (here on existing identifiers) keeps its bucketed shapes: no retrace.
+  grown = index.insert(codes[:3]).device_arrays()
+  bs.search(fns, params, grown, queries[:8], **kw)
+  assert len(traces) == 2
+
+
+def test_search_finds_new_images_without_retraining(toy):
+  """Inserted images are found by the unchanged model: the grown index's search = brute force on a rebuild."""
+  codes, l = _index_cases()["random"]
+  base = Index.build(codes, l, layout="dense")
+  params, fns, q = toy_params(l), toy[3], jnp.asarray(QUERIES)
+  top = np.asarray(bs.beam_search(fns, params, device_tables(base), q, beam_size=160, top_k=12).image_ids)
+  # A new image on query 0's best identifier, and new identifiers.
+  new = np.concatenate([codes[top[0, :1]], np.random.default_rng(9).integers(0, l, (8, 3))])
+  grown = base.insert(new)
+  got = bs.beam_search(fns, params, device_tables(grown), q, beam_size=160, top_k=12)
+  want_ids, want_scores, _ = brute_force(params, QUERIES, Index.build(np.concatenate([codes, new]), l), 12)
+  np.testing.assert_array_equal(np.asarray(got.image_ids), want_ids)
+  assert len(codes) in np.asarray(got.image_ids)[0]
+
+
+def test_errors_name_the_bad_value(toy):
+  index = Index.build(np.array([[1, 2, 3]]), 40)
+  params, fns, arrays = toy_params(40), toy[3], index.device_arrays()
+  q = jnp.asarray(QUERIES)
+  with pytest.raises(ValueError, match="beam_size must be a positive int; got 0"):
+    bs.beam_search(fns, params, arrays, q, beam_size=0, top_k=3)
+  with pytest.raises(ValueError, match="reorder must be one of"):
+    bs.beam_search(fns, params, arrays, q, beam_size=2, top_k=3, reorder="scatter")
+  other_l = Index.build(np.array([[1, 2, 3]]), 64).device_arrays()
+  with pytest.raises(ValueError, match=r"logits of shape \(5, 2, 40\); expected \[Q=5, B=2, L=64\]"):
+    bs.beam_search(fns, params, other_l, q, beam_size=2, top_k=3)
+
+
+# ------------------------------------------------------------------ the real decoder
+
+
+def test_real_decoder_beam_equals_exhaustive_scorer():
+  """With the real (tiny, random) retriever: B >= U gives the exhaustive scorer's top-K exactly, and the
+  beams' scores are the model's own teacher-forced log-probabilities (an independent code path)."""
+  from irgen_jax.models import retriever
+  m, l = 3, 16
+  model = retriever.Model(dict(width=16, depth=1, num_heads=2, patch_size=4, image_size=8),
+                          width=16, depth=1, num_heads=2, num_levels=m, num_tokens=l)
+  rng = np.random.default_rng(0)
+  # Random weights straight from the parameter shapes: no compiled init (slow on a loaded CPU).
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+                        retriever.param_shapes(model))
+  images = jnp.asarray(rng.standard_normal((3, 8, 8, 3)), jnp.float32)
+  fns = retriever.make_decode_fns(model)
+  codes = np.concatenate([rng.integers(0, l, (40, m)), np.tile(rng.integers(0, l, (1, m)), (6, 1))])
+  index = Index.build(codes, l)  # 41 identifiers or fewer, one of them on 6 images
+  arrays, idents = index.device_arrays(), jnp.asarray(index.identifiers())
+  u = index.num_identifiers
+  beam = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, images, beam_size=u, top_k=16))
+  exact = jax.tree.map(np.asarray, bs.exhaustive_search(fns, params, arrays, idents, images, top_k=16,
+                                                        chunk=16))
+  np.testing.assert_array_equal(beam.image_ids, exact.image_ids)
+  np.testing.assert_allclose(beam.scores, exact.scores, rtol=1e-5, atol=1e-5)
+  assert (exact.image_ids >= 0).all() and len(set(exact.image_ids[0])) == 16
+  # Every beam is a distinct valid identifier, scored as the teacher-forced model scores it.
+  assert {tuple(x) for x in beam.identifiers[0]} == {tuple(x) for x in index.identifiers()}
+  teacher = jax.jit(lambda p, x, c: jax.nn.log_softmax(model.apply({"params": p}, x, c), axis=-1))
+  flat = beam.identifiers.reshape(-1, m)
+  logp = np.asarray(teacher(params, jnp.repeat(images, u, axis=0), jnp.asarray(flat)))
+  want = np.take_along_axis(logp, flat[..., None], axis=-1)[..., 0].sum(-1).reshape(-1, u)
+  np.testing.assert_allclose(beam.identifier_scores, want, rtol=1e-4, atol=1e-4)
