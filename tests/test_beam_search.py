@@ -201,8 +201,29 @@ def test_beam_search_against_brute_force(toy, name, layout):
     if beam >= u:  # enough beams to keep every prefix: the exact answer
       np.testing.assert_array_equal(res.image_ids, want_ids)
       np.testing.assert_allclose(res.scores, want_scores, rtol=1e-5, atol=1e-4)
+    # The bound is sound: no identifier missing from the beams scores above it ...
+    all_scores = reference(name)[5]
+    for i in range(len(QUERIES)):
+      kept = {tuple(x) for x in res.identifiers[i][np.isfinite(res.identifier_scores[i])]}
+      missed = [all_scores[i, j] for j, x in enumerate(index.identifiers()) if tuple(x) not in kept]
+      assert max(missed, default=-np.inf) <= res.pruned_bound[i] + 1e-4
+    # ... so a certified result is the exact one.
+    ok = bs.certified(res.scores, res.pruned_bound)
+    np.testing.assert_array_equal(res.image_ids[ok], want_ids[ok])
     if name == "random" and beam == 1:  # the toy is hard enough that greedy search is not exact
       assert (res.image_ids[:, 0] != want_ids[:, 0]).any()
+
+
+def test_search_exact_equals_brute_force_and_certifies_some_queries_early(toy):
+  codes, l, params, want_ids, want_scores, _ = reference("L256_M4")
+  index = Index.build(codes, l)
+  ids, scores, info = bs.search_exact(toy[4], params, index, QUERIES, top_k=TOP_K, beam_size=2,
+                                      max_beam_size=16, max_batch=8)
+  np.testing.assert_array_equal(ids, want_ids)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-4)
+  # Beams of 2..16 cover at most 16 of the ~120 identifiers: whatever was certified was certified by a
+  # bound, not by exhausting the index; the rest went to the exhaustive scorer (0).
+  assert set(info["certified_at"]) <= {0, 2, 4, 8, 16}
 
 
 def test_exhaustive_scorer_against_brute_force(toy):
