@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
       ks=(1, 2, 4, 8),
       map_at=100,
       baselines=("linear_scan", "faiss_ivfpq", "scann"),
-      ivf_nlist=100, pq_subspaces=4, pq_bits=8,
+      ivf_nlist=100, ivf_nprobe=16, pq_subspaces=4, pq_bits=8,
       extra_encoder="",     # a CLIP checkpoint: baselines also over its features (paper's CLIP rows)
       agreement_queries=500,  # queries whose beam top-K is compared with exhaustive scoring
       gallery_queries=12,

@@ -126,3 +126,10 @@ def create_replicated(init_fn: Any, mesh: Mesh) -> Any:
     return jax.jit(init_fn)()
   shardings = jax.tree.map(lambda _: replicated(mesh), template)
   return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def sync(name: str) -> None:
+  """A barrier across processes (no-op with one): e.g. others wait while process 0 writes files."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
