@@ -353,7 +353,7 @@ def test_catalogue_dataset_not_prepared_names_dir_and_command(tmp_path, name, bu
 
 def test_unknown_dataset_name():
   assert registry.names() == ["cars196", "cub200", "fashion_mnist", "folder", "imagenet2012", "inshop",
-                              "places365"]
+                              "places365", "synthetic"]
   with pytest.raises(ValueError, match="Unknown dataset 'mnist'.*fashion_mnist"):
     registry.load("mnist", data_dir="")
 
