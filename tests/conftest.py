@@ -25,3 +25,21 @@ def _no_network():
   socket.socket.connect = _loopback_only
   yield
   socket.socket.connect = _real_connect
+
+
+@pytest.fixture(scope="session")
+def fashion_runlocal_workdir(tmp_path_factory):
+  """One finished runlocal job on the embedded Fashion-MNIST (all four stages), shared by the tests
+  that need a trained workdir (main job, search, fresh-data insertion). Runs once per session in a
+  subprocess, as a user would run it; returns (workdir, data_dir)."""
+  import subprocess
+  import sys
+  root = tmp_path_factory.mktemp("fashion_runlocal")
+  workdir, data_dir = root / "workdir", root / "tfds"
+  cmd = [sys.executable, "-m", "irgen_jax.main", "--config=configs/fashion_mnist.py:runlocal",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
+  proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        capture_output=True, text=True, timeout=1200)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return workdir, data_dir
