@@ -369,15 +369,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       print(r, flush=True)
 
   model_parts = [x for x in parts if x != "memory"]
-  mb = None
   if model_parts:
-    try:
-      mb = ModelBench(p)
-    except ImportError as e:
-      msg = f"waiting for the retriever ({e}); skipped: {', '.join(model_parts)}"
-      print(msg, flush=True)
-      figures["skipped"] = msg
-  if mb is not None:
+    mb = ModelBench(p)
     beam = max(p.beams)
     if "gallery" in parts:
       g = bench_gallery(mb, beam)
