@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -53,12 +54,32 @@ def test_fashion_mnist_builds_full_splits(fm):
   assert os.path.isfile(os.path.join(ds.prepared_dir, "irgen-labels-database.npy"))
 
 
-def test_prepare_is_idempotent(fm):
+def _file_stats(directory):
+  """{name: (inode, mtime_ns, size)} of every file under ``directory``."""
+  out = {}
+  for dirpath, _, files in os.walk(directory):
+    for name in files:
+      st = os.stat(os.path.join(dirpath, name))
+      out[os.path.relpath(os.path.join(dirpath, name), directory)] = (st.st_ino, st.st_mtime_ns,
+                                                                        st.st_size)
+  return out
+
+
+def test_prepare_is_idempotent(fm, monkeypatch):
   data_dir, info = fm
-  start = time.perf_counter()
+  before = _file_stats(info["dir"])
+  assert any(".array_record" in name for name in before)
+  assert any(name.startswith("irgen-labels-") for name in before)
+
+  def no_rebuild(*args, **kwargs):
+    raise AssertionError("prepare re-ran the builder on a prepared dataset")
+
+  monkeypatch.setattr(fashion_mnist.IrgenFashionMnist, "_split_generators", no_rebuild)
+  monkeypatch.setattr(fashion_mnist.IrgenFashionMnist, "_generate_examples", no_rebuild)
   again = registry.prepare("fashion_mnist", data_dir=data_dir)
   assert again == info
-  assert time.perf_counter() - start < 5.0  # reuses the build (a rebuild takes several seconds)
+  # The second prepare reused the build: no file was rewritten, replaced, added or removed.
+  assert _file_stats(info["dir"]) == before
 
 
 def test_fast_reader_matches_tfds_data_source(fm):
@@ -247,9 +268,9 @@ _INSHOP = [
 ]
 
 
-def _make_inshop(root, corrupt=False):
+def _make_inshop(root, corrupt=False, rows=_INSHOP):
   lines = []
-  for k, (item, split, mode) in enumerate(_INSHOP):
+  for k, (item, split, mode) in enumerate(rows):
     fmt = "PNG" if mode == "RGBA" else "JPEG"
     rel = f"img/WOMEN/Dresses/{item}/{k:02d}_1_front.{'png' if fmt == 'PNG' else 'jpg'}"
     _write(os.path.join(root, rel), mode, (24 + k, 32), fmt, k)
@@ -303,6 +324,43 @@ def test_inshop_missing_download_names_paths(tmp_path):
   assert str(tmp_path / "nothing" / "Eval" / "list_eval_partition.txt") in str(e.value)
   assert "In-shop Clothes Retrieval Benchmark" in str(e.value)
   assert not os.path.exists(tmp_path / "dd" / "irgen_inshop" / "1.0.0")
+
+
+def _array_record_files(directory):
+  return [f for _, _, files in os.walk(directory) for f in files if ".array_record" in f]
+
+
+def test_inshop_split_without_images_is_an_error_naming_the_file(tmp_path):
+  root = str(tmp_path / "In-shop")
+  _make_inshop(root, rows=[r for r in _INSHOP if r[1] != "gallery"])  # no gallery line at all
+  partition = os.path.join(root, "Eval", "list_eval_partition.txt")
+  with pytest.raises(ValueError, match=re.escape(f"{partition}: no image has status 'gallery'")):
+    registry.prepare("inshop", data_dir=str(tmp_path / "dd"), manual_dir=root)
+  assert not _array_record_files(tmp_path / "dd")  # nothing half-built is left to be reused
+
+
+def test_inshop_split_whose_images_are_all_skipped_is_an_error(tmp_path):
+  root = str(tmp_path / "In-shop")
+  rows = [r for r in _INSHOP if r[1] != "gallery"]
+  _make_inshop(root, corrupt=True, rows=rows)  # the gallery: one line, a corrupt file
+  with pytest.raises(ValueError, match="every image of the gallery split is unreadable"):
+    registry.prepare("inshop", data_dir=str(tmp_path / "dd"), manual_dir=root, skip_corrupt=True)
+  assert not _array_record_files(tmp_path / "dd")
+
+
+@pytest.mark.parametrize("how", ["not listed", "all skipped"])
+def test_inshop_query_item_without_gallery_images_fails_validation(tmp_path, how):
+  # id_00000003 has a query but no gallery image: none in the partition file, or only a corrupt one
+  # that skip_corrupt leaves out. Preparing succeeds (the item keeps its label); loading refuses.
+  root = str(tmp_path / "In-shop")
+  rows = [r for r in _INSHOP if r[:2] != ("id_00000003", "gallery")]
+  _make_inshop(root, corrupt=how == "all skipped", rows=rows)
+  data_dir = str(tmp_path / "dd")
+  info = registry.prepare("inshop", data_dir=data_dir, manual_dir=root, skip_corrupt=True)
+  assert info["splits"] == {"train": 2, "query": 2, "gallery": 2}
+  assert len(info["skipped"]["gallery"]) == (how == "all skipped")
+  with pytest.raises(ValueError, match=r"1 queries belong to 1 class\(es\) with no database image"):
+    registry.load("inshop", data_dir=data_dir, manual_dir=root)
 
 
 def test_inshop_malformed_partition(tmp_path):

@@ -324,7 +324,7 @@ def test_few_steps_on_a_separable_toy_problem_reduce_the_loss():
 
 
 def test_works_with_the_project_vit():
-  vit = pytest.importorskip("irgen_jax.models.vit")
+  from irgen_jax.models import vit  # pylint: disable=g-import-not-at-top
   encoder = vit.Model(width=W, depth=1, num_heads=2, patch_size=4, image_size=H)
   model = SemanticTokenizer(encoder=encoder, num_classes=C, num_levels=M, proj_dim=8)
   images, labels = _data()
