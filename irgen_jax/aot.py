@@ -149,6 +149,11 @@ def load_topology(name: str) -> Topology:
   require_libtpu()
   from jax.experimental import topologies
   chips = math.prod(shape)
+  # libtpu takes /tmp/libtpu_lockfile when it loads, so a second process loading it (another
+  # compile, a test while the CLI runs, this CLI on a TPU VM whose run holds the chips) fails with
+  # "Internal error when accessing libtpu multi-process lockfile". The lock guards the chips; a
+  # compile-only process opens none.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   # libtpu reads these once, when it loads; on a TPU VM they are already set and stay untouched.
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE",
@@ -191,6 +196,10 @@ def with_sharding(tree: Any, sharding: Any) -> Any:
 
 
 # --- compiling one program ------------------------------------------------------------------------
+
+
+# Programs that only infer (the verdict suggests no remat for them).
+SEARCH_PROGRAMS = ("beam_search",)
 
 
 @dataclasses.dataclass
@@ -245,15 +254,21 @@ class ProgramReport:
               f" (the TPU compiler lets a program use {fmt_bytes(self.xla_available_bytes)})")
     head = (f"{self.name} does not fit: it needs {fmt_bytes(need)} per chip, a {self.chip.name} "
             f"chip has {fmt_bytes(have)}{usable}.")
-    replicated = self.replicated_argument_bytes
-    fsdp = (f"shard parameters and optimizer state over the `data` axis (FSDP) instead of "
+    replicated, search = self.replicated_argument_bytes, self.name in SEARCH_PROGRAMS
+    state = "parameters (and index tables)" if search else "parameters and optimizer state"
+    fsdp = (f"shard {state} over the `data` axis (FSDP) instead of "
             f"replicating them: {fmt_bytes(replicated)} of the arguments are held whole on every "
             f"chip; split over {n} chips they would take {fmt_bytes(replicated // n)} per chip")
-    batch = ("a smaller batch (the stage's batch_size): activations and their gradients grow with "
-             "the batch per chip")
-    remat = ("rematerialization (the stage's encoder.remat / decoder.remat = True): recompute "
-             "block activations in the backward pass instead of keeping them (~30% more compute)")
-    first = [fsdp, batch, remat] if replicated * 2 >= need else [batch, remat, fsdp]
+    if search:  # inference: no gradients, nothing to rematerialize
+      others = ["a smaller search.query_batch_size or search.beam_size: the encoder's activations "
+                "and the decoder's caches grow with the queries x beams per chip"]
+    else:
+      others = [("a smaller batch (the stage's batch_size): activations and their gradients grow "
+                 "with the batch per chip"),
+                ("rematerialization (the stage's encoder.remat / decoder.remat = True): recompute "
+                 "block activations in the backward pass instead of keeping them (~30% more "
+                 "compute)")]
+    first = [fsdp, *others] if replicated * 2 >= need else [*others, fsdp]
     if replicated >= have:
       first = [fsdp]  # the replicated state alone is too large: nothing about the batch helps
       if replicated // n >= have:
@@ -453,17 +468,32 @@ def programs(config: Any, mesh: Mesh,
   return out
 
 
+def shapes_config(config: Any) -> Any:
+  """The config the programs are built from: CLIP init without a checkpoint becomes random init.
+
+  An encoder initialized from CLIP takes its architecture from the checkpoint (``vit.clip_config``);
+  compiling needs shapes only, so when ``clip_path`` is unset or absent the encoder is built from
+  the config's own sizes instead (``variant``, e.g. the base config's B/16 with quick-GELU: the same
+  architecture as OpenAI's CLIP ViT-B/16). A checkpoint that exists is read as in a run.
+  """
+  relaxed = copy.deepcopy(config)
+
+  def missing(e):
+    return not (e.clip_path and os.path.exists(e.clip_path))
+  if relaxed.tokenizer.encoder.init == "clip" and missing(relaxed.tokenizer.encoder):
+    relaxed.tokenizer.encoder.init = "random"
+  if relaxed.retriever.encoder_init == "clip" and missing(relaxed.retriever.encoder):
+    relaxed.retriever.encoder_init = "random"
+  return relaxed
+
+
 def check_config(config: Any, topology: Topology) -> None:
   """The config's own validation for this slice's device and host counts.
 
-  Checkpoint paths (CLIP weights) are not required: compiling needs shapes only.
+  Checkpoint paths (CLIP weights) are not required: compiling needs shapes only (``shapes_config``).
   """
-  relaxed = copy.deepcopy(config)
-  if relaxed.tokenizer.encoder.init == "clip":
-    relaxed.tokenizer.encoder.init = "random"
-  if relaxed.retriever.encoder_init == "clip":
-    relaxed.retriever.encoder_init = "random"
-  config_lib.validate(relaxed, num_devices=topology.num_chips, num_processes=topology.num_hosts)
+  config_lib.validate(shapes_config(config), num_devices=topology.num_chips,
+                      num_processes=topology.num_hosts)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -551,9 +581,13 @@ def run(config: Any, topology: Topology | str, *,
   if isinstance(topology, str):
     topology = load_topology(topology)
   check_config(config, topology)
+  shapes = shapes_config(config)
   mesh = make_mesh(topology)
-  progs = programs(config, mesh, providers)
+  progs = programs(shapes, mesh, providers)
   print(describe_topology(topology), file=out)
+  if shapes.to_dict() != config.to_dict():
+    print("(no CLIP checkpoint at clip_path: encoders sized by the config's variant/sizes instead)",
+          file=out)
   reports = []
   for name, (fn, args) in progs.items():
     reports.append(compile_program(name, fn, args, chip=topology.chip))

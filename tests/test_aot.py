@@ -10,6 +10,8 @@ libtpu is a test requirement (requirements-tpu.txt): without it these tests fail
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 import re
@@ -21,11 +23,24 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from irgen_jax import aot, config_lib, parallel
+from irgen_jax import aot, config_lib, parallel, search_program
+from irgen_jax.index import Index
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5e:2x2"   # 4 chips on one host: the smallest multi-chip v5e slice
 HUGE_WIDTH = 2**25     # a [128, 2**25] float32 weight is 16 GiB; with AdamW's moments 3x a v5e chip
+RUNLOCAL = "configs/fashion_mnist.py"
+REAL_PROGRAMS = ("tokenizer_train_step", "retriever_train_step", "beam_search")
+# The runlocal decoder (one block) has ~14 w^2 float32 params: at w = 2^15, 56 GiB replicated on every
+# chip, 3.5x a v5e chip (2^14 still fits: 14 GiB).
+HUGE_DECODER_WIDTH = 2**15
+
+
+def load_config(path: str, arg: str | None = "runlocal"):
+  spec = importlib.util.spec_from_file_location("aot_test_config", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 # --- the toy provider (the CLI test names it: --providers=tests.test_aot:toy_programs) ------------
@@ -102,6 +117,26 @@ def _api_worker() -> dict:
   return out
 
 
+def _configs_worker(json_path: str) -> dict:
+  """The runlocal config's real programs (trainers' and search's providers), as JSON."""
+  topo = aot.load_topology(TOPOLOGY)
+  text = io.StringIO()
+  config = load_config(RUNLOCAL)
+  reports = aot.run(config, topo, json_path=json_path, out=text)
+  out = {"programs": [r.name for r in reports]}
+  # The same tokenizer step at twice the batch.
+  config.tokenizer.batch_size *= 2
+  (bigger,) = aot.run(config, topo, providers=[aot.DEFAULT_PROVIDERS["tokenizer"]], out=text)
+  out["tokenizer_double_batch"] = bigger.to_json()
+  # A decoder far too wide for a v5e chip: its search program (params replicated, no optimizer).
+  config = load_config(RUNLOCAL)
+  config.retriever.decoder.width = HUGE_DECODER_WIDTH
+  (huge,) = aot.run(config, topo, providers=[aot.DEFAULT_PROVIDERS["evaluate"]], out=text)
+  out["huge_search"] = huge.to_json()
+  out["text"] = text.getvalue()  # all three runs' printed reports
+  return out
+
+
 def _env(tmp_path) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(JAX_PLATFORMS="cpu", TPU_LOG_DIR=str(tmp_path / "tpu_logs"),
@@ -124,6 +159,18 @@ def api(tmp_path_factory):
                         env=_env(tmp), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory):
+  """One subprocess: the runlocal config's three programs, a doubled batch, a too-wide decoder."""
+  _need_libtpu()
+  tmp = tmp_path_factory.mktemp("aot_configs")
+  path = tmp / "runlocal.json"
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "configs", str(path)], cwd=REPO,
+                        env=_env(tmp), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return dict(json.loads(proc.stdout.strip().splitlines()[-1]), report=json.loads(path.read_text()))
 
 
 def _cli(tmp_path, *args):
@@ -253,7 +300,95 @@ def test_cli_exit_status_when_a_program_does_not_fit(tmp_path):
   assert "toy/train_step does not fit" in proc.stdout
 
 
+# --- the config's real programs (trainers and search) ---------------------------------------------
+
+
+@pytest.mark.slow  # the `configs` subprocess: ~1-2 min of TPU compiles on 2 cores
+def test_runlocal_config_compiles_every_program(configs):
+  assert configs["programs"] == list(REAL_PROGRAMS)
+  report = configs["report"]
+  assert report["topology"] == TOPOLOGY and sorted(report["programs"]) == sorted(REAL_PROGRAMS)
+  for name, r in report["programs"].items():
+    assert r["compiled"] and r["fits"] and r["verdict"] is None, name
+    assert isinstance(r["per_chip_bytes"], int) and 0 < r["per_chip_bytes"] < 2**30, name
+    assert r["flops"] > 0 and r["est_step_time_s"] > 0, name
+  # The search: the queries split over the 4 chips (float32 images), the rest replicated.
+  c = load_config(RUNLOCAL)
+  placed = report["programs"]["beam_search"]["argument_shardings"]
+  sharded = {spec: v for spec, v in placed.items() if "data" in spec}
+  image_bytes = c.data.image_size**2 * 3 * 4
+  assert [v["bytes_per_chip"] for v in sharded.values()] == [
+      c.search.query_batch_size // 4 * image_bytes]
+  assert sum(v["arrays"] for spec, v in placed.items() if spec not in sharded) > 10
+  for name in REAL_PROGRAMS:
+    assert f"== {name}" in configs["text"]
+
+
+@pytest.mark.slow  # the `configs` subprocess: ~1-2 min of TPU compiles on 2 cores
+def test_runlocal_memory_grows_with_the_batch(configs):
+  small = configs["report"]["programs"]["tokenizer_train_step"]
+  big = configs["tokenizer_double_batch"]
+  assert big["compiled"] and big["fits"]
+  # batch_size / 4 more images per chip (float32) and their activations.
+  c = load_config(RUNLOCAL)
+  more = c.tokenizer.batch_size // 4 * c.data.image_size**2 * 3 * 4
+  assert big["argument_bytes"] - small["argument_bytes"] >= more
+  assert big["per_chip_bytes"] > small["per_chip_bytes"] + more
+  assert big["flops"] > 1.5 * small["flops"]
+
+
+@pytest.mark.slow  # the `configs` subprocess: ~1-2 min of TPU compiles on 2 cores
+def test_too_wide_decoder_does_not_fit_with_verdict(configs):
+  huge = configs["huge_search"]
+  assert not huge["fits"]
+  assert huge["replicated_argument_bytes"] > 3 * 16 * 2**30
+  assert huge["per_chip_bytes"] > 3 * 16 * 2**30
+  verdict = huge["verdict"]
+  needed = re.match(r"beam_search does not fit: it needs ([\d.]+) GiB per chip, a v5e chip has "
+                    r"16.00 GiB", verdict)
+  assert needed and float(needed.group(1)) > 16, verdict
+  assert "FSDP" in verdict and "rematerialization" not in verdict
+  assert "beam_search does not fit" in configs["text"]
+
+
+def test_search_index_shapes_are_those_of_a_worst_case_dense_index():
+  # L = 4, M = 3, N = 16 images with every prefix distinct (n_1 = 4, n_2 = 16, U = 16): the tables
+  # Index.device_arrays() gives are exactly the shapes the search program is compiled with.
+  n, m, l = 16, 3, 4
+  codes = [[i // 4, i % 4, 0] for i in range(n)]
+  real = Index.build(codes, l, layout="dense").device_arrays()
+  abstract = search_program.index_shapes(n, m, l, sharding=None)
+  assert (abstract.num_tokens, abstract.max_fanout) == (real.num_tokens, real.max_fanout)
+  shapes = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)  # noqa: E731
+  assert shapes(abstract) == shapes(real)
+  # Paper scale: the index of ImageNet's 1.28M images stays small beside the model.
+  big = search_program.index_shapes(1_281_167, 4, 256, sharding=None)
+  assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(big)) < 100 * 2**20
+
+
+def test_search_program_database_size_and_lowering_on_cpu():
+  config = load_config(RUNLOCAL)
+  assert search_program.database_size(config) == 512  # data.max_database caps the 60,000
+  config.data.max_database = 0
+  assert search_program.database_size(config) == 60000
+  config.data.name = "no_such_dataset"
+  with pytest.raises(ValueError, match="database size is not known"):
+    search_program.database_size(config)
+  # The program traces as a run would (shapes only, on a 1-device CPU mesh; no TPU compiler).
+  config = load_config(RUNLOCAL)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  (name, (fn, args)), = search_program.aot_program(config, mesh).items()
+  assert name == "beam_search"
+  q, s = config.search.query_batch_size, config.data.image_size
+  assert args[2].shape == (q, s, s, 3)
+  out = jax.eval_shape(fn, *args)
+  assert [x.shape for x in out] == [(q, 100), (q, 100)]  # K = max(ks, map_at) = 100 <= N
+
+
 if __name__ == "__main__":
-  if sys.argv[1:] != ["api"]:
-    raise SystemExit(f"usage: {sys.argv[0]} api")
-  print(json.dumps(_api_worker()))
+  if sys.argv[1:] == ["api"]:
+    print(json.dumps(_api_worker()))
+  elif sys.argv[1:2] == ["configs"] and len(sys.argv) == 3:
+    print(json.dumps(_configs_worker(sys.argv[2])))
+  else:
+    raise SystemExit(f"usage: {sys.argv[0]} api | configs JSON_PATH")
