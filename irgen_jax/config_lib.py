@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
       skip_corrupt=False,   # folder datasets: skip unreadable images (counted in the log)
       max_database=0,       # >0: only the first N database images (smoke tests)
       max_queries=0,        # >0: only the first N queries
+      # <1: the models train on, and the tokenizer stage indexes, only this fixed class-stratified
+      # fraction of the database; `python -m irgen_jax.insert --held_out` inserts the rest without
+      # retraining (the paper's Table 6 protocol; registry.indexed_split).
+      indexed_fraction=1.0,
       # name="synthetic": generated class-structured stand-in images (runlocal variants, tests).
       synthetic=dict(num_classes=0, image_shape=(0, 0, 3), num_database=0, num_queries=0),
   )
@@ -86,7 +90,13 @@ def base_config() -> ml_collections.ConfigDict:
       lr=5e-4, encoder_lr_mult=0.01, warmup_steps=2000, weight_decay=0.05, b1=0.9, b2=0.96,
       grad_clip=0.0,
       refit_every_epochs=1,  # k-means refit of the codebooks between epochs (alternating optimization)
+      refit_max_images=0,   # >0: refit on a fixed random sample of this many database images
+                            # (0 = the whole database, as the paper; the final identifiers always
+                            # use the whole database)
       kmeans_iters=20, kmeans_init="kmeans++",
+      # A finished run's workdir: take its trained tokenizer instead of training one; this run only
+      # recomputes the features and assigns identifiers of its own ids.kind (sweeps over identifiers).
+      reuse_from="",
   )
   c.retriever = dict(
       encoder_init="clip",  # "tokenizer" (the stage-1 encoder) | "clip" | "random"
@@ -127,7 +137,9 @@ def runlocal_sizes(c: ml_collections.ConfigDict) -> None:
   c.retriever.decoder.update(depth=1, width=32, num_heads=2)
   c.tokenizer.update(batch_size=32, num_epochs=2.0, warmup_steps=2, kmeans_iters=5, lr=1e-3,
                      encoder_lr_mult=1.0)
-  c.retriever.update(batch_size=32, num_epochs=2.0, warmup_steps=2, lr=1e-3, encoder_lr_mult=1.0)
+  # No CLIP checkpoint on a laptop: the retriever's encoder starts from the stage-1 encoder.
+  c.retriever.update(encoder_init="tokenizer", batch_size=32, num_epochs=2.0, warmup_steps=2, lr=1e-3,
+                     encoder_lr_mult=1.0)
   c.search.update(beam_size=8, query_batch_size=32)
   c.eval.update(ivf_nlist=8, agreement_queries=16, gallery_queries=4)
   c.checkpoint.every_steps = 4
@@ -148,19 +160,25 @@ def stages(c: ml_collections.ConfigDict) -> list[str]:
 
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1,
-             dataset_names=None) -> None:
-  """Checks a config before any compute; every error names the field and what was expected."""
-  def need(ok, field, value, expected):
-    if not ok:
-      raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+             dataset_names=None, workdir: str | None = None) -> None:
+  """Checks a config before any compute; every error names the field and what was expected.
 
+  With ``workdir``, also that every stage to run finds what it starts from: produced by an earlier
+  stage of this run, or already in the workdir (e.g. ``stages=retriever`` with
+  ``retriever.encoder_init='tokenizer'`` needs ``WORKDIR/tokenizer/params``).
+  """
+  need = _need
   stages(c)
+  need(c.compute_dtype in ("float32", "bfloat16", "float16"), "compute_dtype", c.compute_dtype,
+       "'float32', 'bfloat16' or 'float16'")
   if dataset_names is not None:
     need(c.data.name in dataset_names, "data.name", c.data.name,
          f"one of {', '.join(sorted(dataset_names))}")
   need(c.data.image_size > 0, "data.image_size", c.data.image_size, "a positive size")
   need(c.data.resize_size >= c.data.image_size, "data.resize_size", c.data.resize_size,
        f">= data.image_size ({c.data.image_size})")
+  fraction = c.data.get("indexed_fraction", 1.0)
+  need(0 < fraction <= 1, "data.indexed_fraction", fraction, "a fraction in (0, 1]")
   lo, hi = c.data.crop_scale
   need(0 < lo <= hi <= 1, "data.crop_scale", tuple(c.data.crop_scale), "0 < min <= max <= 1")
   need(c.ids.kind in ("semantic", "random", "hkm"), "ids.kind", c.ids.kind,
@@ -206,7 +224,49 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   need(c.search.query_batch_size >= 1, "search.query_batch_size", c.search.query_batch_size, ">= 1")
   ks = tuple(c.eval.ks)
   need(len(ks) > 0 and all(k >= 1 for k in ks), "eval.ks", ks, "positive K values")
+  need(c.tokenizer.get("refit_max_images", 0) >= 0, "tokenizer.refit_max_images",
+       c.tokenizer.get("refit_max_images", 0), ">= 0 (0 = the whole database)")
+  if c.eval.extra_encoder:
+    import os
+    need(os.path.exists(c.eval.extra_encoder), "eval.extra_encoder", c.eval.extra_encoder,
+         "an existing CLIP checkpoint (a Hugging Face CLIP directory or an OpenAI CLIP .pt file)")
   unknown = [b for b in c.eval.baselines if b not in ("linear_scan", "faiss_ivfpq", "scann")]
   need(not unknown, "eval.baselines", tuple(c.eval.baselines),
        "names among linear_scan, faiss_ivfpq, scann")
   need(c.checkpoint.every_steps > 0, "checkpoint.every_steps", c.checkpoint.every_steps, "> 0")
+  if workdir is not None:
+    _check_stage_inputs(c, workdir)
+
+
+def _need(ok, field, value, expected):
+  if not ok:
+    raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+
+
+def _check_stage_inputs(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """Each stage to run starts from files of earlier stages: in this run's stages or in ``workdir``."""
+  import os
+  run = set(stages(c))
+
+  def have(stage, *parts):
+    return stage in run or os.path.exists(os.path.join(workdir, *parts))
+
+  def missing(stage, *parts):
+    return (f"{os.path.join(workdir, *parts)} (missing) from a finished {stage} stage, since "
+            f"config.stages={c.stages!r} does not run it")
+
+  if "retriever" in run:
+    if c.retriever.encoder_init == "tokenizer":
+      _need(have("tokenizer", "tokenizer", "params"), "retriever.encoder_init",
+            c.retriever.encoder_init,
+            "the trained tokenizer's encoder to initialize from: "
+            + missing("tokenizer", "tokenizer", "params")
+            + "; run the tokenizer stage first or set retriever.encoder_init to 'clip' or 'random'")
+    _need(have("tokenizer", "tokenizer", "identifiers.npz"), "stages", c.stages,
+          "the identifiers the retriever learns: " + missing("tokenizer", "tokenizer", "identifiers.npz"))
+  if "evaluate" in run:
+    _need(have("retriever", "retriever", "params"), "stages", c.stages,
+          "the trained retriever: " + missing("retriever", "retriever", "params"))
+    _need(have("tokenizer", "tokenizer", "identifiers.npz"), "stages", c.stages,
+          "the identifiers and features of the database: "
+          + missing("tokenizer", "tokenizer", "identifiers.npz"))

@@ -16,6 +16,7 @@ Timing: queries per second with the query encoder (everything from images to ids
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from irgen_jax import beam_search, inference, parallel
+from irgen_jax import beam_search, catalog, inference, parallel
 from irgen_jax.evaluators import baselines, report
 from irgen_jax.evaluators.results import MethodResult
 from irgen_jax.index import Index
@@ -39,24 +40,11 @@ from irgen_jax.trainers import tokenizer as tokenizer_trainer
 log = logging.getLogger(__name__)
 
 
-class Subset:
-  """Rows of a random-access source, re-indexed 0..n-1 (for evaluating a sample of queries)."""
-
-  def __init__(self, source, rows):
-    self.source, self.rows = source, np.asarray(rows, np.int64)
-
-  def __len__(self):
-    return len(self.rows)
-
-  def __getitem__(self, i):
-    return dict(self.source[int(self.rows[i])], index=int(i))
-
-
 def _timed_map(fn, source, c, mesh, description=""):
   """``inference.map_split`` after one warm-up batch, so compiles are not timed."""
   kw = dict(mesh=mesh, batch_size=c.search.query_batch_size, image_size=c.data.image_size,
             resize_size=c.data.resize_size)
-  inference.map_split(fn, Subset(source, [0]), **kw)
+  inference.map_split(fn, inference.Subset(source, [0]), **kw)
   return inference.map_split(fn, source, description=description, **kw)
 
 
@@ -86,20 +74,32 @@ def _irgen(c, workdir, mesh, ds, top_k) -> MethodResult:
   _, encode_s = _timed_map(functools.partial(encode, params), ds.query, c, mesh)
   extra = {"beam_size": c.search.beam_size, "index_bytes_per_image": index.bytes_per_image}
   extra.update(_agreement(c, mesh, ds, model, params, index, ids))
-  return MethodResult(ids=ids, scores=scores, kind="beam_search",
+  stats_path = os.path.join(workdir, "tokenizer", "stats.json")
+  build_s = None
+  if os.path.exists(stats_path):
+    with open(stats_path) as f:
+      build_s = json.load(f).get("index_build_s")
+  return MethodResult(ids=ids, scores=scores, kind="beam_search", build_s=build_s,
                       search_s=max(total_s - encode_s, 1e-9), encode_s=encode_s,
                       index_bytes=index.nbytes, settings={"beam_size": c.search.beam_size},
                       extra=extra)
 
 
 def _agreement(c, mesh, ds, model, params, index, beam_ids) -> dict[str, float]:
-  """Fraction of sampled queries whose beam top-K equals the exact top-K under the model."""
+  """Fraction of sampled queries whose beam top-K equals the exact top-K under the model.
+
+  K is max(eval.ks), or the fewest images the beam listed for a sampled query if less (a beam of B
+  identifiers lists fewer than K images when identifiers are nearly unique and B < K): the question
+  is whether what the beam lists is the best-scoring list of that length, not whether it is long.
+  """
   n = min(int(c.eval.agreement_queries), len(ds.query))
   if n <= 0:
     return {}
-  k = max(c.eval.ks)
   rows = np.unique(np.linspace(0, len(ds.query) - 1, n).round().astype(np.int64))
-  images, _ = inference.map_split(lambda x: x, Subset(ds.query, rows), mesh=mesh,
+  k = int(min(max(c.eval.ks), (beam_ids[rows] >= 0).sum(axis=1).min()))
+  if k == 0:
+    return {}
+  images, _ = inference.map_split(lambda x: x, inference.Subset(ds.query, rows), mesh=mesh,
                                   batch_size=c.search.query_batch_size,
                                   image_size=c.data.image_size, resize_size=c.data.resize_size)
   t0 = time.perf_counter()
@@ -113,6 +113,7 @@ def _agreement(c, mesh, ds, model, params, index, beam_ids) -> dict[str, float]:
            "scoring).", len(rows), agree.mean(), k, time.perf_counter() - t0,
            int((certified_at == 0).sum()))
   return {"beam_agreement": float(agree.mean()), "beam_agreement_queries": float(len(rows)),
+          "beam_agreement_k": float(k),
           "certified_at_beam_size": float((certified_at == c.search.beam_size).mean())}
 
 
@@ -128,21 +129,26 @@ def _baselines(c, prefix: str, db_feats, q_feats, encode_s: float, top_k: int, m
                                                                  metric="cosine", encode_s=encode_s)
   if "faiss_ivfpq" in names:
     nlist = max(1, min(c.eval.ivf_nlist, len(db_feats) // 39))  # faiss wants >= 39 points per cell
+    # PQ trains 2^nbits centroids per subspace on the database: small databases get fewer bits.
+    nbits = max(1, min(int(c.eval.pq_bits), len(db_feats).bit_length() - 1))
+    if nbits != c.eval.pq_bits:
+      log.info("Faiss IVF-PQ: %d database vectors, so %d PQ bits instead of %d.", len(db_feats), nbits,
+               c.eval.pq_bits)
     out[f"{prefix}faiss_ivfpq"] = baselines.faiss_ivfpq(
         db_feats, q_feats, top_k, nlist=nlist, metric=metric, num_subspaces=c.eval.pq_subspaces,
-        nbits=c.eval.pq_bits, nprobe=min(c.eval.ivf_nprobe, nlist), encode_s=encode_s)
+        nbits=nbits, nprobe=min(c.eval.ivf_nprobe, nlist), encode_s=encode_s)
   if "scann" in names:
     out[f"{prefix}scann"] = baselines.scann_search(db_feats, q_feats, top_k, metric=metric,
                                                    encode_s=encode_s)
   return out
 
 
-def _clip_features(c, path: str, ds, mesh):
+def _clip_features(c, path: str, ds, database, mesh):
   """CLIP image embeddings (ln_post + projection of the class token) of database and queries."""
   module, params = vit.load_clip(path, image_size=c.data.image_size, ln_post=True, proj=True,
                                  dtype=common.compute_dtype(c))
   fn = jax.jit(lambda p, x: module.apply({"params": p}, x)[:, 0].astype(jnp.float32))
-  db, _ = inference.map_split(functools.partial(fn, params), ds.database, mesh=mesh,
+  db, _ = inference.map_split(functools.partial(fn, params), database, mesh=mesh,
                               batch_size=c.search.query_batch_size * 4,
                               image_size=c.data.image_size, resize_size=c.data.resize_size,
                               description="CLIP database features")
@@ -150,18 +156,36 @@ def _clip_features(c, path: str, ds, mesh):
   return db, q, encode_s
 
 
+def _image_or_placeholder(cat: catalog.Catalog, j: int) -> np.ndarray:
+  img = cat.image(j)
+  return np.full((32, 32, 3), 200, np.uint8) if img is None else img
+
+
 def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
-  ds = common.load_dataset(c.data)
-  top_k = max(max(c.eval.ks), c.eval.map_at)
+  # The database is what the index holds: the indexed records, then any inserted images
+  # (``python -m irgen_jax.insert``; with data.indexed_fraction < 1 the held-out records).
+  cat = catalog.Catalog.open(workdir, c)
+  ds = cat.dataset
+  database_labels = cat.labels()
+  inserted = cat.num_images - cat.num_base
+  if inserted:
+    log.info("Evaluating over %d database images: %d indexed by the tokenizer stage, %d inserted "
+             "since (%s).", cat.num_images, cat.num_base, inserted,
+             ", ".join(f"{b['count']} {b['source']}" for b in cat.batches))
+  elif ds.held_out:
+    log.info("Evaluating over the %d indexed database images; %d held-out records are not inserted "
+             "yet (python -m irgen_jax.insert --held_out).", cat.num_base, ds.held_out)
+  # Every method lists at most the whole database (exact scans cannot list more).
+  top_k = min(max(max(c.eval.ks), c.eval.map_at), cat.num_images)
   methods: dict[str, MethodResult] = {"irgen": _irgen(c, workdir, mesh, ds, top_k)}
 
   tok_model, tok_params = tokenizer_trainer.load_params(c, workdir, ds.num_classes)
-  db_feats = np.load(os.path.join(workdir, "tokenizer", "database_features.npy"))
+  db_feats = cat.features()
   q_feats, q_encode_s = _timed_map(functools.partial(tokenizer_trainer.features_fn(tok_model),
                                                      tok_params), ds.query, c, mesh)
   methods.update(_baselines(c, "", db_feats, q_feats, q_encode_s, top_k, metric="l2"))
   if c.eval.extra_encoder:
-    clip_db, clip_q, clip_s = _clip_features(c, c.eval.extra_encoder, ds, mesh)
+    clip_db, clip_q, clip_s = _clip_features(c, c.eval.extra_encoder, ds, cat.source(), mesh)
     methods.update(_baselines(c, "clip_", clip_db, clip_q, clip_s, top_k, metric="cosine"))
 
   out_dir = os.path.join(workdir, "report")
@@ -169,12 +193,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   if jax.process_index() == 0:
     result = report.write_report(
         out_dir, dataset=c.data.name, ks=tuple(c.eval.ks), query_labels=ds.labels("query"),
-        database_labels=ds.labels("database"), methods=methods,
+        database_labels=database_labels, methods=methods,
         query_image=lambda i: ds.query[int(i)]["image"],
-        database_image=lambda j: ds.database[int(j)]["image"],
+        database_image=lambda j: _image_or_placeholder(cat, int(j)),
         num_gallery_queries=c.eval.gallery_queries, seed=c.seed, map_at=c.eval.map_at)
   parallel.sync("report written")
   summary = {name: {k: v for k, v in m.items() if k.startswith(("precision@", "recall@"))}
              for name, m in result.get("methods", {}).items()}
   log.info("Report in %s: %s", out_dir, summary)
-  return {"report": out_dir}
+  return {"report": out_dir, "num_database": cat.num_images, "inserted": inserted}

@@ -19,6 +19,19 @@ from irgen_jax import parallel
 from irgen_jax.data import pipeline
 
 
+class Subset:
+  """Rows of a random-access source, re-indexed 0..n-1 (a sample of queries, of the database)."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, i):
+    return dict(self.source[int(self.rows[i])], index=int(i))
+
+
 def round_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """``batch_size`` rounded up to a multiple of the device count (every device gets equal rows)."""
   n = mesh.devices.size

@@ -25,10 +25,15 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file from configs/.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (created if missing).")
-flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG = _WORKDIR = None  # the command's flags, defined when it runs (importing this module defines none)
+
+
+def _define_flags():
+  global _CONFIG, _WORKDIR
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file from configs/.",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (created if missing).")
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def stage_done_path(workdir: str, stage: str) -> str:
@@ -89,7 +94,12 @@ def run(config, workdir: str) -> None:
   from irgen_jax.data import registry
 
   config_lib.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count(),
-                      dataset_names=registry.names())
+                      dataset_names=registry.names(), workdir=workdir)
+  reuse = config.tokenizer.get("reuse_from", "")
+  if reuse and "tokenizer" in config_lib.stages(config) and not is_done(workdir, "tokenizer") \
+      and not os.path.isdir(os.path.join(reuse, "tokenizer", "params")):
+    raise ValueError(f"config.tokenizer.reuse_from={reuse!r}: expected the workdir of a run whose "
+                     "tokenizer stage finished (it has tokenizer/params).")
   os.makedirs(workdir, exist_ok=True)
   _record_config(config, workdir)
   mesh = parallel.make_mesh()
@@ -116,7 +126,46 @@ def _data(config, workdir, mesh):
 
 def _tokenizer(config, workdir, mesh):
   from irgen_jax.trainers import tokenizer
+  if config.tokenizer.get("reuse_from", ""):
+    return _reuse_tokenizer(config, workdir, mesh)
   return tokenizer.run(config, workdir, mesh)
+
+
+# What another run's tokenizer must share with this run to stand in for its own: the architecture (an
+# error otherwise) and, to mean the same thing, the data (a warning otherwise). The identifiers' own
+# settings (ids.kind, codebook_size, hkm_clusters) may differ: that is the point of reusing it.
+_REUSE_ARCHITECTURE = ("tokenizer.encoder.", "tokenizer.proj_dim", "tokenizer.shared_head",
+                       "data.image_size", "ids.length")
+_REUSE_DATA = ("data.name", "data.resize_size", "data.max_database", "data.indexed_fraction",
+               "data.manual_dir", "data.synthetic.")
+
+
+def _reuse_tokenizer(config, workdir, mesh):
+  """The tokenizer stage without training: ``tokenizer.reuse_from``'s trained tokenizer, then this
+  run's identifiers, index and files exactly as the stage writes them (``tokenizer.finalize``)."""
+  from irgen_jax.trainers import common, tokenizer
+  source = config.tokenizer.reuse_from
+  with open(os.path.join(source, "config.json")) as f:
+    theirs = _flatten(json.load(f))
+  ours = _flatten(json.loads(config.to_json_best_effort()))
+  from irgen_jax import config_lib
+  # A field the other run's config.json lacks (written before the field existed) had its default.
+  theirs = {**_flatten(json.loads(config_lib.base_config().to_json_best_effort())), **theirs}
+
+  def differing(prefixes):
+    return [f"{k}={theirs.get(k)!r} (here {ours[k]!r})" for k in sorted(ours)
+            if k.startswith(prefixes) and theirs.get(k) != ours[k]]
+  if differing(_REUSE_ARCHITECTURE):
+    raise ValueError(f"config.tokenizer.reuse_from={source!r}: its tokenizer has another architecture: "
+                     + ", ".join(differing(_REUSE_ARCHITECTURE)) + ".")
+  if differing(_REUSE_DATA):
+    logging.warning("config.tokenizer.reuse_from=%s was trained on other data: %s.", source,
+                    ", ".join(differing(_REUSE_DATA)))
+  ds = common.load_dataset(config.data)
+  model, params = tokenizer.load_params(config, source, ds.num_classes)
+  logging.info("Tokenizer: reusing the trained tokenizer of %s (no training).", source)
+  stats = tokenizer.finalize(config, workdir, mesh, model, params, ds)
+  return {**stats, "reused_from": os.path.abspath(source)}
 
 
 def _retriever(config, workdir, mesh):
@@ -156,4 +205,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

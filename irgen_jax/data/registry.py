@@ -16,6 +16,14 @@ places365      places365_small        train / validation          = database
 folder         irgen_folder (ROOT)    database/ / query/          = database
 =============  =====================  ==========================  =================================
 
+Fresh data (the paper's Table 6): ``indexed_fraction`` < 1 keeps a fixed, class-stratified part of the
+database (``indexed_split``, seeded by ``INDEXED_SPLIT_SEED``, not the run's seed) as *the* database the
+models train on and the tokenizer indexes; the rest is *held out* and inserted later without retraining
+(``python -m irgen_jax.insert --held_out``). ``database_part="all"`` returns the indexed records followed
+by the held-out ones (the order insertion gives them ids) and ``Dataset.held_out`` = their count; the
+train role always holds the indexed part only. Queries are the same either way. Every stage passes
+``config.data.indexed_fraction`` (``trainers.common.load_dataset``).
+
 ``train`` for In-shop: the paper trains on train + gallery. The tokenizer (a classifier over item ids)
 uses all of it. The retriever's targets must be database (gallery) images of the source image's class,
 and In-shop's train items never occur in the gallery, so the pair sampler (``pairs.py``) leaves the
@@ -62,6 +70,8 @@ log = logging.getLogger(__name__)
 
 ROLES = ("database", "query", "train")
 IMAGENET_QUERY_SEED = 0
+INDEXED_SPLIT_SEED = 0
+DATABASE_PARTS = ("indexed", "all")
 TENSORFLOW_PIN = "tensorflow-cpu==2.21.0"
 
 
@@ -246,6 +256,14 @@ class Dataset:
   class_names: list[str] | None
   train_to_database: np.ndarray
   prepared_dir: str = ""
+  # The last `held_out` database records are the ones the models never trained on (indexed_fraction < 1
+  # with database_part="all"); 0 otherwise.
+  held_out: int = 0
+
+  @property
+  def num_indexed(self) -> int:
+    """Database records the models trained on and the tokenizer stage indexed (the first ones)."""
+    return len(self.database) - self.held_out
 
   def source(self, role: str):
     if role not in ROLES:
@@ -267,13 +285,43 @@ def query_sample(num_records: int, size: int, seed: int = IMAGENET_QUERY_SEED) -
   return np.sort(rng.choice(num_records, size=size, replace=False)).astype(np.int64)
 
 
+def _check_fraction(fraction: float) -> None:
+  if not 0 < float(fraction) <= 1:
+    raise ValueError(f"indexed_fraction={fraction!r}: expected a fraction in (0, 1].")
+
+
+def indexed_split(labels: np.ndarray, fraction: float, seed: int = INDEXED_SPLIT_SEED) -> np.ndarray:
+  """bool [N]: the indexed records, per class a seeded random ``round(fraction * n_c)`` of its
+  ``n_c`` records (at least one), so both parts cover every class in proportion."""
+  _check_fraction(fraction)
+  labels = np.asarray(labels, np.int64)
+  n = len(labels)
+  if fraction >= 1 or n == 0:
+    return np.ones(n, bool)
+  priority = np.random.default_rng([seed, 0x1DE7]).random(n)
+  order = np.lexsort((priority, labels))          # by class, random inside a class
+  sorted_labels = labels[order]
+  starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+  counts = np.diff(np.r_[starts, n])
+  rank = np.arange(n) - np.repeat(starts, counts)
+  keep_per_class = np.maximum(1, np.round(fraction * counts)).astype(np.int64)
+  keep = np.zeros(n, bool)
+  keep[order] = rank < np.repeat(keep_per_class, counts)
+  return keep
+
+
 def load(name: str, *, data_dir: str | None, manual_dir: str | None = None, max_database: int = 0,
-         max_queries: int = 0, skip_corrupt: bool = False, synthetic: dict | None = None) -> Dataset:
+         max_queries: int = 0, skip_corrupt: bool = False, synthetic: dict | None = None,
+         indexed_fraction: float = 1.0, database_part: str = "indexed") -> Dataset:
   """Opens a prepared dataset (building local sources on first use) and validates it.
 
   ``max_database`` > 0 keeps the first N database records (and, for In-shop, the first N of its train
   split); ``max_queries`` > 0 the first N queries. With a truncated database, queries whose class has
   no image left in it are dropped first (they could never have a positive), then the first N kept.
+  ``indexed_fraction`` < 1 splits the (truncated)
+  database into the indexed part and the held-out rest (``indexed_split``); ``database_part`` says
+  which records ``database`` holds: ``"indexed"`` or ``"all"`` (indexed, then held out; see the
+  module docstring). The train role and the query filter above use the indexed part.
   ``skip_corrupt`` only matters when this call builds the data. Raises before any compute on missing
   data (naming the path and the command that provides it) and on ``validate`` failures.
   """
@@ -292,13 +340,23 @@ def load(name: str, *, data_dir: str | None, manual_dir: str | None = None, max_
   readers = {split: _reader(builder, split) for split in {s.database, s.query, *s.train}}
   labels = {split: _split_labels(builder, split) for split in readers}
 
+  if database_part not in DATABASE_PARTS:
+    raise ValueError(f"database_part={database_part!r}: expected one of {DATABASE_PARTS}.")
+  fraction = float(indexed_fraction)
+  _check_fraction(fraction)
   db_rows = np.arange(len(readers[s.database]), dtype=np.int64)
   if max_database:
     db_rows = db_rows[:max_database]
+  held_rows = np.zeros(0, np.int64)
+  if fraction < 1:
+    keep = indexed_split(labels[s.database][db_rows], fraction)
+    db_rows, held_rows = db_rows[keep], db_rows[~keep]
+    log.info("%s: %d database records indexed (fraction %g), %d held out.", name, len(db_rows),
+             fraction, len(held_rows))
   q_rows = np.arange(len(readers[s.query]), dtype=np.int64)
   if s.query_sample:
     q_rows = query_sample(len(q_rows), s.query_sample)
-  if max_database:
+  if max_database or fraction < 1:
     present = np.isin(labels[s.query][q_rows], labels[s.database][db_rows])
     if not present.all():
       log.info("%s: %d queries have no database image of their class among the first %d; dropped.",
@@ -322,13 +380,17 @@ def load(name: str, *, data_dir: str | None, manual_dir: str | None = None, max_
       rows = rows[:max_database] if max_database else rows
       to_db.append(np.full(len(rows), -1, np.int64))
     train_parts.append((split, rows))
-  database = source([(s.database, db_rows)], "database")
-  train = database if s.train == (s.database,) else source(train_parts, "train")
+  indexed = source([(s.database, db_rows)], "database")
+  held_out = len(held_rows) if database_part == "all" else 0
+  database = indexed if not held_out else source([(s.database, np.concatenate([db_rows, held_rows]))],
+                                                 "database")
+  train = indexed if s.train == (s.database,) else source(train_parts, "train")
   label_feature = builder.info.features["label"]
   names = list(label_feature.names) if getattr(label_feature, "names", None) else None
   ds = Dataset(name=name, database=database, query=source([(s.query, q_rows)], "query"), train=train,
                num_classes=int(label_feature.num_classes), class_names=names,
-               train_to_database=np.concatenate(to_db), prepared_dir=os.fspath(builder.data_dir))
+               train_to_database=np.concatenate(to_db), prepared_dir=os.fspath(builder.data_dir),
+               held_out=held_out)
   validate(ds)
   return ds
 

@@ -20,13 +20,18 @@ def compute_dtype(c: ml_collections.ConfigDict):
   return DTYPES[c.compute_dtype]
 
 
-def load_dataset(d: ml_collections.ConfigDict):
-  """The config's dataset (``irgen_jax.data.registry.load`` with the ``data`` fields)."""
+def load_dataset(d: ml_collections.ConfigDict, *, database_part: str = "indexed"):
+  """The config's dataset (``irgen_jax.data.registry.load`` with the ``data`` fields).
+
+  ``database_part``: "indexed" (what the models train on and the tokenizer indexes: with
+  ``data.indexed_fraction`` < 1 a fixed part of the database) or "all" (the held-out rest after it).
+  """
   from irgen_jax.data import registry
   return registry.load(
       d.name, data_dir=d.data_dir or None, manual_dir=d.manual_dir or None,
       max_database=d.max_database, max_queries=d.max_queries, skip_corrupt=d.skip_corrupt,
-      synthetic=dict(d.synthetic) if d.name == "synthetic" else None)
+      synthetic=dict(d.synthetic) if d.name == "synthetic" else None,
+      indexed_fraction=d.get("indexed_fraction", 1.0), database_part=database_part)
 
 
 def prepare_dataset(d: ml_collections.ConfigDict) -> dict[str, Any]:

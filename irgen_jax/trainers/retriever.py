@@ -179,8 +179,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
                      total_steps=total, checkpoint_every=c.checkpoint.every_steps,
                      keep_checkpoints=c.checkpoint.keep, log_every=c.log_every_steps,
                      description="retriever")
-  if jax.process_index() == 0:
-    checkpointing.save_params(os.path.join(stage, "params"), jax.device_get(state["params"]))
+  # orbax's save is collective: every process calls it, process 0 writes, all wait for the commit.
+  checkpointing.save_params(os.path.join(stage, "params"), jax.device_get(state["params"]))
   counts = retriever_model.param_counts(model, (c.data.image_size, c.data.image_size, 3))
   return {"steps": total, "param_counts": counts}
 

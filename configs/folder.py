@@ -1,0 +1,84 @@
+"""IRGen on your own folder of images (the ``folder`` dataset), sized for small images on a CPU.
+
+  python -m irgen_jax.main --config=configs/folder.py:data_dir=/data/my_images --workdir=workdirs/mine
+
+ROOT (``data_dir=``) holds ``ROOT/database/<class>/<image>`` (searched) and ``ROOT/query/<class>/<image>``
+(queries; positives = database images of the same class); any format PIL reads, any size and mode (see
+irgen_jax/data/folder.py). The prepared copy goes to the TFDS data dir (``--config.data.data_dir``,
+default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) and is rebuilt when the folder changes.
+
+Sizes: images resized to ``resize`` (shorter side) and center-cropped to ``image_size`` (32) pixels, a
+small ViT trained from scratch (4 blocks, width 128, 4x4 patches: no CLIP checkpoint needed), a 3-block
+decoder, M=4 identifiers of L=256 tokens. Both stages train for about ``steps`` steps whatever the
+folder's size (epochs = steps x batch / images), in batches of ``batch_size`` capped at the largest power
+of two <= the number of database images, so a folder of a few dozen images runs too. For photos and a
+GPU/TPU, override (e.g. ``image_size=224,steps=20000`` and ``--config.tokenizer.encoder.*``) or start
+from a paper config. Arguments: ``data_dir`` (required), ``image_size``, ``resize`` (0 = image_size x
+8/7), ``batch_size``, ``steps``, ``seed``, ``runlocal`` (tiny models, at most 20 steps: a smoke test).
+"""
+
+import os
+
+from irgen_jax import config_lib
+
+_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                     ".pbm")  # = irgen_jax.data.images.IMAGE_EXTENSIONS (kept import-light here)
+
+
+def _count_images(directory: str) -> int:
+  n = 0
+  for _, dirnames, filenames in os.walk(directory):
+    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    n += sum(1 for f in filenames
+             if not f.startswith(".") and os.path.splitext(f)[1].lower() in _IMAGE_EXTENSIONS)
+  return n
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, data_dir="", image_size=32, resize=0, batch_size=64, steps=1000,
+                             seed=0, runlocal=False)
+  if not arg.data_dir:
+    raise ValueError("configs/folder.py needs the folder: --config=configs/folder.py:data_dir=ROOT "
+                     "(ROOT/database/<class>/<image>, ROOT/query/<class>/<image>).")
+  root = os.path.abspath(os.path.expanduser(arg.data_dir))
+  c = config_lib.base_config()
+  c.seed = arg.seed
+  c.compute_dtype = "float32"
+  resize = arg.resize or round(arg.image_size * 8 / 7)
+  c.data.update(name="folder", manual_dir=root, image_size=arg.image_size, resize_size=resize,
+                crop_scale=(0.5, 1.0))
+
+  # The batch must fit the database (an epoch is whole batches); the step budget sets the epochs.
+  num_database = _count_images(os.path.join(root, "database"))  # 0 if missing: the data stage says so
+  batch = arg.batch_size
+  if num_database:
+    batch = min(batch, 1 << (num_database.bit_length() - 1))
+  steps = min(arg.steps, 20) if arg.runlocal else arg.steps
+  epochs = max(1.0, steps * batch / max(num_database, 1))
+  warmup = max(1, min(200, steps // 10))
+
+  encoder = dict(variant="", width=128, depth=4, num_heads=4, patch_size=max(2, arg.image_size // 8),
+                 act="gelu", init="random")
+  c.tokenizer.encoder.update(encoder)
+  c.tokenizer.update(batch_size=batch, num_epochs=epochs, lr=1e-3, encoder_lr_mult=1.0,
+                     warmup_steps=warmup, grad_clip=1.0, lambda1=1.0, lambda2=0.1, kmeans_iters=10)
+  c.retriever.encoder.update(encoder)
+  c.retriever.update(encoder_init="tokenizer", batch_size=batch, num_epochs=epochs, lr=1e-3,
+                     encoder_lr_mult=0.1, warmup_steps=warmup, grad_clip=1.0)
+  c.retriever.decoder.update(depth=3, width=128, num_heads=4)
+  c.search.update(beam_size=30, query_batch_size=64)
+  c.eval.update(ks=(1, 2, 4, 8, 10, 20), ivf_nlist=100, agreement_queries=100)
+  c.checkpoint.every_steps = 200
+  c.log_every_steps = 20
+
+  if arg.runlocal:
+    tiny = dict(width=32, depth=1, num_heads=2)
+    c.tokenizer.encoder.update(tiny)
+    c.retriever.encoder.update(tiny)
+    c.retriever.decoder.update(depth=1, width=32, num_heads=2)
+    c.ids.codebook_size = 16
+    c.search.update(beam_size=8, query_batch_size=32)
+    c.eval.update(agreement_queries=0, gallery_queries=4)
+    c.checkpoint.every_steps = 4
+    c.log_every_steps = 2
+  return c

@@ -1,0 +1,147 @@
+"""The main job end to end: images to a retrieval report, as a user runs it (``python -m irgen_jax.main``).
+
+- Fashion-MNIST ``:runlocal`` (the session fixture ``fashion_runlocal_workdir``, one run shared with
+  other tests): the report's files, every stage's done marker, IRGen's and the baselines' metrics, and a
+  re-run in the same workdir that skips every finished stage.
+- The ``:runlocal`` variant of every other config (generated stand-in data): all four stages, each in
+  its own process. The five share a persistent XLA compilation cache (one per test session): configs
+  whose programs have the same shapes (cub200/cars196, imagenet2012/places365) compile once. Most of a
+  runlocal run's time on a CPU is XLA compiling (measured: ~80%), not training.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("data", "tokenizer", "retriever", "evaluate")
+BASELINES = ("linear_scan", "faiss_ivfpq", "scann")
+REPORT_FILES = ("metrics.json", "results.md", "precision_at_k.png", "pr_curve.png", "mrr.png",
+                "gallery.html")
+# Configs whose :runlocal variant runs here; consecutive configs with the same program shapes share
+# compiles through the cache.
+OTHER_CONFIGS = ("inshop", "cub200", "cars196", "imagenet2012", "places365")
+
+
+def load_config(name, arg="runlocal"):
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def run_main(config, workdir, *flags, env=None, timeout=900):
+  cmd = [sys.executable, "-m", "irgen_jax.main", f"--config=configs/{config}", f"--workdir={workdir}",
+         *flags]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+  wall = time.perf_counter() - t0
+  assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+  return proc, wall
+
+
+def check_metrics(workdir, ks):
+  """IRGen and every baseline report finite metrics in [0, 1] at every K; returns metrics.json."""
+  with open(os.path.join(workdir, "report", "metrics.json")) as f:
+    metrics = json.load(f)
+  methods = metrics["methods"]
+  assert "irgen" in methods, sorted(methods)
+  for b in BASELINES:
+    assert any(name == b or name.startswith(b) for name in methods), (b, sorted(methods))
+  for name, m in methods.items():
+    keys = [f"precision@{k}" for k in ks] + [f"recall@{k}" for k in ks]
+    keys += [k for k in m if k.startswith(("map@", "mrr@"))]
+    for key in keys:
+      v = m[key]
+      assert isinstance(v, (int, float)) and math.isfinite(v) and 0.0 <= v <= 1.0, (name, key, v)
+  return metrics
+
+
+def check_done(workdir):
+  for stage in STAGES:
+    path = os.path.join(workdir, stage, "done.json")
+    assert os.path.exists(path), path
+    with open(path) as f:
+      assert json.load(f)["wall_s"] >= 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST :runlocal
+
+
+def test_fashion_runlocal_writes_the_report(fashion_runlocal_workdir):
+  workdir, _ = fashion_runlocal_workdir
+  check_done(workdir)
+  for name in REPORT_FILES:
+    path = os.path.join(workdir, "report", name)
+    assert os.path.getsize(path) > 0, path
+  for path in ("config.json", "index.irgx", "tokenizer/identifiers.npz", "tokenizer/stats.json",
+               "tokenizer/metrics.jsonl", "retriever/metrics.jsonl"):
+    assert os.path.exists(os.path.join(workdir, path)), path
+  for stage in ("tokenizer", "retriever"):
+    assert os.path.isdir(os.path.join(workdir, stage, "params")), stage
+    assert os.listdir(os.path.join(workdir, stage, "tb")), stage   # TensorBoard events
+
+
+def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
+  workdir, _ = fashion_runlocal_workdir
+  c = load_config("fashion_mnist")
+  metrics = check_metrics(workdir, c.eval.ks)
+  irgen = metrics["methods"]["irgen"]
+  assert 0.0 <= irgen["beam_agreement"] <= 1.0   # the beam's top-K against the exact top-K
+  with open(os.path.join(workdir, "tokenizer", "stats.json")) as f:
+    stats = json.load(f)
+  assert 1 <= stats["num_identifiers"] <= c.data.max_database
+
+
+def test_fashion_rerun_skips_finished_stages(fashion_runlocal_workdir, tmp_path):
+  source, data_dir = fashion_runlocal_workdir
+  workdir = tmp_path / "workdir"
+  shutil.copytree(source, workdir)
+  markers = {s: os.path.getmtime(workdir / s / "done.json") for s in STAGES}
+  proc, wall = run_main("fashion_mnist.py:runlocal", workdir, f"--config.data.data_dir={data_dir}")
+  for stage in STAGES:
+    assert f"Stage {stage}: already done" in proc.stderr, proc.stderr[-3000:]
+    assert f"Stage {stage}: starting" not in proc.stderr
+    assert os.path.getmtime(workdir / stage / "done.json") == markers[stage]
+  # Only the interpreter, imports and the config check: no stage's work (~1 min together here).
+  assert wall < 60, wall
+
+
+# --------------------------------------------------------------------------------------------------
+# Every other config's :runlocal variant
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  path = tmp_path_factory.mktemp("xla_cache")
+  return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+@pytest.fixture(scope="module")
+def synthetic_data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds_synthetic")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHER_CONFIGS)
+def test_runlocal_config_end_to_end(name, tmp_path, compile_cache, synthetic_data_dir):
+  c = load_config(name)
+  assert c.data.name == "synthetic", "runlocal variants run on generated stand-in data"
+  workdir = tmp_path / "workdir"
+  _, wall = run_main(f"{name}.py:runlocal", workdir, f"--config.data.data_dir={synthetic_data_dir}",
+                     env=compile_cache)
+  print(f"{name}:runlocal end to end in {wall:.1f} s")
+  check_done(workdir)
+  for f in ("metrics.json", "results.md"):
+    assert os.path.exists(workdir / "report" / f)
+  check_metrics(workdir, c.eval.ks)
