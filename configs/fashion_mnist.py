@@ -4,9 +4,9 @@
   python -m irgen_jax.main --config=configs/fashion_mnist.py:runlocal --workdir=/tmp/fm
 
 database = the 60,000 training images, queries = the 10,000 test images, positives = same class.
-Sizes are chosen so the whole job runs on a 2-core CPU in about 20 minutes: a small ViT trained from
-scratch on 28x28 inputs (no CLIP: Fashion-MNIST is far from CLIP's images and a 2-core CPU cannot run
-ViT-B), a 3-block decoder.
+Sizes are chosen so the whole job runs on a 2-core CPU in well under 20 minutes (12.5 measured; README):
+a small ViT trained from scratch on 28x28 inputs (no CLIP: Fashion-MNIST is far from CLIP's images
+and a 2-core CPU cannot run ViT-B), a 3-block decoder over the frozen stage-1 encoder.
 """
 
 from irgen_jax import config_lib
@@ -17,17 +17,22 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.seed = arg.seed
   c.compute_dtype = "float32"
-  c.data.update(name="fashion_mnist", image_size=28, resize_size=28, crop_scale=(0.7, 1.0))
+  # No random crops (flips only): a model this small underfits Fashion-MNIST in four epochs, and crops
+  # made it worse (measured: 80% vs 89% train accuracy, 81% vs 88% query accuracy of the class head,
+  # together with lr 1e-3 -> 2e-3).
+  c.data.update(name="fashion_mnist", image_size=28, resize_size=28, crop_scale=(1.0, 1.0))
 
   encoder = dict(variant="", width=128, depth=4, num_heads=4, patch_size=7, act="gelu",
                  init="random")
   c.tokenizer.encoder.update(encoder)
-  c.tokenizer.update(batch_size=256, num_epochs=4.0, lr=1e-3, encoder_lr_mult=1.0,
+  c.tokenizer.update(batch_size=256, num_epochs=4.0, lr=2e-3, encoder_lr_mult=1.0,
                      warmup_steps=200, grad_clip=1.0, lambda1=1.0, lambda2=0.1,
                      refit_max_images=20000)
   c.retriever.encoder.update(encoder)
+  # The retriever keeps the stage-1 encoder frozen: it was trained on these very images for their
+  # classes, and freezing skips its backward pass (the retriever step costs half: 15 vs 30 GFLOP).
   c.retriever.update(encoder_init="tokenizer", batch_size=256, num_epochs=3.0, lr=1e-3,
-                     encoder_lr_mult=0.1, warmup_steps=200, grad_clip=1.0)
+                     encoder_lr_mult=0.0, warmup_steps=200, grad_clip=1.0)
   c.retriever.decoder.update(depth=3, width=128, num_heads=4)
   c.search.update(beam_size=30, query_batch_size=256)
   # Beam agreement needs the exact top-K under the model; where wider beams cannot certify it, that

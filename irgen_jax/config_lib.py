@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
       lambda1=1.0,          # weight of the prefix-reconstruction classification losses (eq. 3)
       lambda2=1.0,          # weight of the residual (commitment) terms (eq. 3)
       batch_size=128, num_epochs=200.0,
+      # encoder_lr_mult: the encoder's learning rate relative to lr (0 freezes it: no backward pass)
       lr=5e-4, encoder_lr_mult=0.01, warmup_steps=2000, weight_decay=0.05, b1=0.9, b2=0.96,
       grad_clip=0.0,
       refit_every_epochs=1,  # k-means refit of the codebooks between epochs (alternating optimization)
@@ -194,6 +195,8 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
          f"divisible by the process count ({num_processes})")
     need(s.num_epochs > 0, f"{stage}.num_epochs", s.num_epochs, "> 0")
     need(s.lr > 0, f"{stage}.lr", s.lr, "> 0")
+    need(s.encoder_lr_mult >= 0, f"{stage}.encoder_lr_mult", s.encoder_lr_mult,
+         ">= 0 (0 freezes the encoder)")
   enc_inits = {"tokenizer": ("clip", "random"), "retriever": ("tokenizer", "clip", "random")}
   need(c.tokenizer.encoder.init in enc_inits["tokenizer"], "tokenizer.encoder.init",
        c.tokenizer.encoder.init, "'clip' or 'random'")

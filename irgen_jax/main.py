@@ -115,13 +115,21 @@ def run(config, workdir: str) -> None:
     info = _STAGES[stage](config, workdir, mesh) or {}
     wall = time.perf_counter() - t0
     mark_done(workdir, stage, {"wall_s": wall, **info})
+    parallel.sync(f"stage {stage} done")  # nobody starts the next stage before its inputs exist
     logging.info("Stage %s: done in %.1f s.", stage, wall)
 
 
 def _data(config, workdir, mesh):
   del workdir, mesh
+  import jax
+
+  from irgen_jax import parallel
   from irgen_jax.trainers import common
-  return common.prepare_dataset(config.data)
+  # Process 0 builds first; then the others find the files when data_dir is shared (a bucket) or
+  # build their own copy when it is a host's disk. Never two writers in one folder.
+  info = common.prepare_dataset(config.data) if jax.process_index() == 0 else None
+  parallel.sync("data prepared by process 0")
+  return info if info is not None else common.prepare_dataset(config.data)
 
 
 def _tokenizer(config, workdir, mesh):

@@ -97,6 +97,7 @@ def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
   metrics = check_metrics(workdir, c.eval.ks)
   irgen = metrics["methods"]["irgen"]
   assert 0.0 <= irgen["beam_agreement"] <= 1.0   # the beam's top-K against the exact top-K
+  assert irgen["beam_agreement"] <= irgen["beam_overlap"] <= 1.0  # equal lists overlap fully
   with open(os.path.join(workdir, "tokenizer", "stats.json")) as f:
     stats = json.load(f)
   assert 1 <= stats["num_identifiers"] <= c.data.max_database

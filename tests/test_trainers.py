@@ -175,6 +175,8 @@ BAD_CONFIGS = [
      "config.retriever.batch_size=32: expected a positive multiple of the device count (3)"),
     ("batch_vs_processes", _set("tokenizer.batch_size", 32), {"num_processes": 3},
      "config.tokenizer.batch_size=32: expected divisible by the process count (3)"),
+    ("negative_encoder_lr", _set("retriever.encoder_lr_mult", -0.1), {},
+     "config.retriever.encoder_lr_mult=-0.1: expected >= 0 (0 freezes the encoder)"),
     ("M_zero", _set("ids.length", 0), {}, "config.ids.length=0"),
     ("M_too_long", _set("ids.length", 17), {}, "config.ids.length=17"),
     ("L_one", _set("ids.codebook_size", 1), {}, "config.ids.codebook_size=1"),

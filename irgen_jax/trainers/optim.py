@@ -3,7 +3,9 @@
 The paper fine-tunes a pretrained encoder at 0.01x the learning rate of the freshly initialized heads or
 decoder. Groups are named by the first key of the parameter path (``{"encoder": 0.01}``); a group's
 multiplier scales its whole AdamW update, which is the same as scaling its learning rate (optax's AdamW
-multiplies the decoupled weight decay by the learning rate too).
+multiplies the decoupled weight decay by the learning rate too). A multiplier of 0 freezes the group: it
+gets no optimizer state, and the train steps wrap it in ``stop_gradient`` (``stop_frozen``) so XLA does not
+compute its backward pass at all (for a frozen encoder, about two thirds of its cost).
 """
 
 from __future__ import annotations
@@ -37,6 +39,18 @@ def _group_multipliers(params, multipliers: Mapping[str, float]):
   return jax.tree_util.tree_map_with_path(mult, params)
 
 
+def frozen_groups(lr_multipliers: Mapping[str, float] | None) -> frozenset[str]:
+  """The groups whose multiplier is 0."""
+  return frozenset(k for k, m in (lr_multipliers or {}).items() if m == 0)
+
+
+def stop_frozen(params, groups: frozenset[str]):
+  """``params`` with the frozen top-level groups under ``stop_gradient``: no backward pass through them."""
+  if not groups:
+    return params
+  return {k: (jax.lax.stop_gradient(v) if k in groups else v) for k, v in params.items()}
+
+
 def make_optimizer(
     *, lr: float, total_steps: int, warmup_steps: int, weight_decay: float, b1: float, b2: float,
     grad_clip: float = 0.0, lr_multipliers: Mapping[str, float] | None = None,
@@ -49,12 +63,16 @@ def make_optimizer(
     warmup_steps: linear warmup length.
     weight_decay, b1, b2: AdamW hyper-parameters (paper: 0.05, 0.9, 0.96).
     grad_clip: global-norm clip; 0 disables.
-    lr_multipliers: ``{top-level param name: multiplier}``, e.g. ``{"encoder": 0.01}``.
+    lr_multipliers: ``{top-level param name: multiplier}``, e.g. ``{"encoder": 0.01}``; 0 freezes.
   """
   if total_steps <= 0:
     raise ValueError(f"total_steps={total_steps}: expected a positive number of steps.")
   if lr <= 0:
     raise ValueError(f"lr={lr}: expected a positive learning rate.")
+  bad = {k: m for k, m in (lr_multipliers or {}).items() if not m >= 0}
+  if bad:
+    raise ValueError(f"learning-rate multipliers {bad}: expected numbers >= 0 (0 freezes the group).")
+  frozen = frozen_groups(lr_multipliers)
   parts = []
   if grad_clip:
     parts.append(optax.clip_by_global_norm(grad_clip))
@@ -73,4 +91,11 @@ def make_optimizer(
       return jax.tree.map(lambda u, s: u * s, updates, scales), state
 
     parts.append(optax.GradientTransformation(init_fn, update_fn))
-  return optax.chain(*parts)
+  tx = optax.chain(*parts)
+  if frozen:
+    # Frozen groups get zero updates and no AdamW moments (less memory); clipping sees the rest only.
+    def labels(params):
+      return jax.tree_util.tree_map_with_path(
+          lambda path, _: "frozen" if getattr(path[0], "key", None) in frozen else "train", params)
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return tx

@@ -6,7 +6,7 @@ epoch (``data.pairs.PairSampler``): uniformly from the class (the paper), or, wi
 tokenizer's feature space, which gives the decoder a within-class order to learn. The loss is
 label-smoothed cross-entropy over the M tokens of x2's identifier (teacher forcing). The encoder starts
 from the stage-1 encoder, from CLIP, or from scratch; it trains at ``encoder_lr_mult`` x the decoder's
-learning rate.
+learning rate, or stays frozen at 0 (then its backward pass is not computed).
 
 Outputs: ``WORKDIR/retriever/params/`` (final parameters), metrics and checkpoints beside them.
 """
@@ -81,18 +81,20 @@ def sequence_loss(logits: jax.Array, codes: jax.Array, label_smoothing: float):
 
 def make_train_step(model, tx, c: ml_collections.ConfigDict):
   smoothing = float(c.retriever.label_smoothing)
+  frozen = optim.frozen_groups({"encoder": c.retriever.encoder_lr_mult})
 
   def train_step(state, batch, codes_table):
     codes = codes_table[batch["target_index"]]
 
     def loss_fn(params):
-      logits = model.apply({"params": params}, batch["image"], codes, train=True)
+      logits = model.apply({"params": optim.stop_frozen(params, frozen)}, batch["image"], codes,
+                           train=True)
       return sequence_loss(logits, codes, smoothing)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return dict(state, params=params, opt=opt, step=state["step"] + 1), metrics
 
   return jax.jit(train_step, donate_argnums=(0,))

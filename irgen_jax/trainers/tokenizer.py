@@ -71,16 +71,18 @@ def init_fn(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
 
 def make_train_step(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
   lambda1, lambda2 = float(c.tokenizer.lambda1), float(c.tokenizer.lambda2)
+  frozen = optim.frozen_groups({"encoder": c.tokenizer.encoder_lr_mult})
 
   def train_step(state, batch):
     def loss_fn(params):
-      out = model.apply({"params": params}, batch["image"], state["codebooks"], train=True)
+      out = model.apply({"params": optim.stop_frozen(params, frozen)}, batch["image"],
+                        state["codebooks"], train=True)
       return tokenizer_loss(out, batch["label"], lambda1=lambda1, lambda2=lambda2)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return dict(state, params=params, opt=opt, step=state["step"] + 1), metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
