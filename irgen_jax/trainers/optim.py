@@ -32,11 +32,14 @@ def _decay_mask(params):
   return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
+def _group(path) -> str | None:
+  """A parameter's group: the first key of its path."""
+  return getattr(path[0], "key", None) if path else None
+
+
 def _group_multipliers(params, multipliers: Mapping[str, float]):
-  def mult(path, _):
-    top = getattr(path[0], "key", None) if path else None
-    return float(multipliers.get(top, 1.0))
-  return jax.tree_util.tree_map_with_path(mult, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: float(multipliers.get(_group(path), 1.0)), params)
 
 
 def frozen_groups(lr_multipliers: Mapping[str, float] | None) -> frozenset[str]:
@@ -78,8 +81,9 @@ def make_optimizer(
     parts.append(optax.clip_by_global_norm(grad_clip))
   parts.append(optax.adamw(lr_schedule(lr=lr, total_steps=total_steps, warmup_steps=warmup_steps),
                            b1=b1, b2=b2, weight_decay=weight_decay, mask=_decay_mask))
-  if lr_multipliers and any(m != 1.0 for m in lr_multipliers.values()):
-    mults = dict(lr_multipliers)
+  # Frozen groups are left to multi_transform below: scaling only the others is needed.
+  mults = {k: m for k, m in (lr_multipliers or {}).items() if k not in frozen}
+  if any(m != 1.0 for m in mults.values()):
 
     def init_fn(params):
       del params
@@ -96,6 +100,6 @@ def make_optimizer(
     # Frozen groups get zero updates and no AdamW moments (less memory); clipping sees the rest only.
     def labels(params):
       return jax.tree_util.tree_map_with_path(
-          lambda path, _: "frozen" if getattr(path[0], "key", None) in frozen else "train", params)
+          lambda path, _: "frozen" if _group(path) in frozen else "train", params)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx
