@@ -5,7 +5,7 @@
 
 Each (config, topology) pair runs ``python -m irgen_jax.aot --config=... --topology=... --json=...`` in its
 own process (libtpu keeps its state for the life of a process) and skips pairs whose JSON is already in
-``--out``, so a second instance started with ``--reverse`` shares the work (a pair takes 4-7 minutes on
+``--out``, so a second instance started with ``--reverse`` shares the work (a pair took 6-16 minutes on
 2 cores). Prints a markdown table: per program, fits or not, per-chip memory, per-chip FLOPs per step
 and the step time those FLOPs take at the chip's peak bf16 rate (an ideal lower bound, not a
 measurement).
