@@ -42,6 +42,11 @@ def _group_multipliers(params, multipliers: Mapping[str, float]):
       lambda path, _: float(multipliers.get(_group(path), 1.0)), params)
 
 
+def stage_multipliers(stage) -> dict[str, float]:
+  """A stage's per-group multipliers from its config section (both stages: ``encoder_lr_mult``)."""
+  return {"encoder": float(stage.encoder_lr_mult)}
+
+
 def frozen_groups(lr_multipliers: Mapping[str, float] | None) -> frozenset[str]:
   """The groups whose multiplier is 0."""
   return frozenset(k for k, m in (lr_multipliers or {}).items() if m == 0)

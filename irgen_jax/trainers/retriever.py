@@ -53,7 +53,7 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
   r = c.retriever
   return optim.make_optimizer(
       lr=r.lr, total_steps=total_steps, warmup_steps=r.warmup_steps, weight_decay=r.weight_decay,
-      b1=r.b1, b2=r.b2, grad_clip=r.grad_clip, lr_multipliers={"encoder": r.encoder_lr_mult})
+      b1=r.b1, b2=r.b2, grad_clip=r.grad_clip, lr_multipliers=optim.stage_multipliers(r))
 
 
 def init_fn(model, tx, c: ml_collections.ConfigDict):
@@ -81,7 +81,7 @@ def sequence_loss(logits: jax.Array, codes: jax.Array, label_smoothing: float):
 
 def make_train_step(model, tx, c: ml_collections.ConfigDict):
   smoothing = float(c.retriever.label_smoothing)
-  frozen = optim.frozen_groups({"encoder": c.retriever.encoder_lr_mult})
+  frozen = optim.frozen_groups(optim.stage_multipliers(c.retriever))
 
   def train_step(state, batch, codes_table):
     codes = codes_table[batch["target_index"]]

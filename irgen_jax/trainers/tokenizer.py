@@ -52,7 +52,7 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
   t = c.tokenizer
   return optim.make_optimizer(
       lr=t.lr, total_steps=total_steps, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-      b1=t.b1, b2=t.b2, grad_clip=t.grad_clip, lr_multipliers={"encoder": t.encoder_lr_mult})
+      b1=t.b1, b2=t.b2, grad_clip=t.grad_clip, lr_multipliers=optim.stage_multipliers(t))
 
 
 def init_fn(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
@@ -71,7 +71,7 @@ def init_fn(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
 
 def make_train_step(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
   lambda1, lambda2 = float(c.tokenizer.lambda1), float(c.tokenizer.lambda2)
-  frozen = optim.frozen_groups({"encoder": c.tokenizer.encoder_lr_mult})
+  frozen = optim.frozen_groups(optim.stage_multipliers(c.tokenizer))
 
   def train_step(state, batch):
     def loss_fn(params):
