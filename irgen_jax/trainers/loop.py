@@ -122,18 +122,24 @@ def train(
     keep_checkpoints: int = 2,
     log_every: int = 50,
     before_step: Callable[[int, Any], Any] | None = None,
+    starting_state: Callable[[Any], Any] | None = None,
     description: str = "train",
 ) -> Any:
   """Runs ``train_step`` until ``total_steps`` steps are done; returns the final state.
 
-  ``state`` is a freshly initialized state; when ``stage_dir/checkpoints`` holds a checkpoint it is
-  only used as the restore template. Steps are counted from 0; a checkpoint at step s holds the state
-  after s steps and the iterator positioned at batch s.
+  ``state`` is a freshly initialized state; when ``stage_dir/checkpoints`` holds a committed
+  checkpoint it is only used as the restore template. ``starting_state(state) -> state`` (e.g. loading
+  pretrained weights) is applied only when no checkpoint was committed, i.e. when the run starts at step
+  0: whether to start fresh is decided by what orbax committed, never by whether the checkpoint
+  directory exists (orbax creates it before the first save). Steps are counted from 0; a checkpoint at
+  step s holds the state after s steps and the iterator positioned at batch s.
   """
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=keep_checkpoints)
   start = 0
   if ckpt.latest_step() is not None:
     state, start = ckpt.restore(state, data_iterator)
+  elif starting_state is not None:
+    state = starting_state(state)
   writer = MetricWriter(stage_dir, resume_step=start)
   bar = tqdm.tqdm(total=total_steps, initial=start, desc=description, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)

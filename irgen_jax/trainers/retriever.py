@@ -165,9 +165,10 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   total = common.epochs_to_steps(r.num_epochs, steps_per_epoch)
   tx = make_optimizer(c, total)
   state = parallel.create_replicated(init_fn(model, tx, c), mesh)
-  if not os.path.isdir(os.path.join(stage, "checkpoints")):
+
+  def starting_state(state):
     # AdamW's state is zeros whatever the params: only the params change.
-    state = dict(state, params=parallel.replicate(
+    return dict(state, params=parallel.replicate(
         initial_params(c, workdir, state["params"], ds.num_classes), mesh))
   log.info("Retriever: %d training pairs per epoch, %d steps/epoch, %d steps.",
            len(sampler.eligible), steps_per_epoch, total)
@@ -180,7 +181,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   state = loop.train(stage_dir=stage, state=state, train_step=step, data_iterator=it, mesh=mesh,
                      total_steps=total, checkpoint_every=c.checkpoint.every_steps,
                      keep_checkpoints=c.checkpoint.keep, log_every=c.log_every_steps,
-                     description="retriever")
+                     starting_state=starting_state, description="retriever")
   # orbax's save is collective: every process calls it, process 0 writes, all wait for the commit.
   checkpointing.save_params(os.path.join(stage, "params"), jax.device_get(state["params"]))
   counts = retriever_model.param_counts(model, (c.data.image_size, c.data.image_size, 3))

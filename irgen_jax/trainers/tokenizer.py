@@ -122,10 +122,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   refit_every = max(1, int(t.refit_every_epochs * steps_per_epoch))
   tx = make_optimizer(c, total)
   state = parallel.create_replicated(init_fn(model, tx, c), mesh)
-  if t.encoder.init == "clip":
+
+  def starting_state(state):
+    if t.encoder.init != "clip":
+      return state
     params = common.graft_clip(jax.device_get(state["params"]), t.encoder.clip_path, at="encoder")
     # AdamW's state is zeros whatever the params, so only the params change.
-    state = dict(state, params=parallel.replicate(params, mesh))
+    return dict(state, params=parallel.replicate(params, mesh))
   log.info("Tokenizer: %d train images, %d steps/epoch, %d steps, refit every %d steps.",
            len(ds.train), steps_per_epoch, total, refit_every)
 
@@ -160,7 +163,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   state = loop.train(stage_dir=stage, state=state, train_step=make_train_step(model, tx, c),
                      data_iterator=it, mesh=mesh, total_steps=total,
                      checkpoint_every=c.checkpoint.every_steps, keep_checkpoints=c.checkpoint.keep,
-                     log_every=c.log_every_steps, before_step=refit, description="tokenizer")
+                     log_every=c.log_every_steps, before_step=refit, starting_state=starting_state,
+                     description="tokenizer")
   return finalize(c, workdir, mesh, model, state["params"], ds)
 
 
