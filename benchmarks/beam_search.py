@@ -20,11 +20,11 @@ depth 2; decoder width 256, 4 blocks, 4 heads; M = 4, L = 256; 64 queries per ba
 paper's size for a GPU: ViT-B/16 at 224 (197 tokens), decoder 12 blocks of width 768, M = 4, L = 256,
 B = 10 and 30.
 
-FLOPs are counted analytically with DESIGN.md's cost model (encoder, cross-attention K/V once per query,
+FLOPs are counted analytically (``analytic_flops``: encoder, cross-attention K/V once per query,
 then per new token per block 28 d^2 + attention, and the d x L output layer, for all Q x B beams at each of
 the M steps); XLA's cost_analysis of the compiled search is printed beside it as a cross-check.
 
-The reference algorithm (yakt00/IRGen, model/IRGen.py ``beam_search``; NOTES.md) is re-implemented here on
+The reference algorithm (the public PyTorch code's ``beam_search``) is re-implemented here on
 the same model: one query at a time, beam size = K, no KV cache (every step re-runs the decoder over the
 whole prefix for every beam, including the cross-attention keys/values of the encoder tokens), a Python
 walk of a dict trie per beam to find legal tokens, products of softmax probabilities, and a scan of all N
@@ -50,8 +50,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from irgen_jax import beam_search as bs  # noqa: E402
-from irgen_jax.index import Index  # noqa: E402
+from irgen_jax.decoding import beam_search as bs  # noqa: E402
+from irgen_jax.decoding import program  # noqa: E402
+from irgen_jax.decoding.index import Index, IndexArrays  # noqa: E402
+from irgen_jax.models import retriever  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +167,6 @@ class ModelBench:
   """The real retriever at a preset's size, with random weights: decode functions, params, queries."""
 
   def __init__(self, p: Preset, seed: int = 0):
-    from irgen_jax.models import retriever  # noqa: PLC0415 (optional until it exists)
     self.p = p
     self.retriever = retriever
     self.model = retriever.Model(
@@ -176,14 +177,14 @@ class ModelBench:
     images = jnp.zeros((1, p.image_size, p.image_size, 3), jnp.float32)
     targets = jnp.zeros((1, p.num_levels), jnp.int32)
     self.params = jax.jit(self.model.init)(jax.random.key(seed), images, targets)["params"]
-    self.fns = retriever.make_decode_fns(self.model)
+    self.fns = program.retriever_decode_fns(self.model)
 
   def queries(self, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(
         (n, self.p.image_size, self.p.image_size, 3)).astype(np.float32)
 
 
-def search_fn(mb: ModelBench, arrays: bs.IndexArrays, queries: jax.Array, beam: int, top_k: int,
+def search_fn(mb: ModelBench, arrays: IndexArrays, queries: jax.Array, beam: int, top_k: int,
               constrained: bool = True) -> Callable[[], Any]:
   return lambda: bs.beam_search(mb.fns, mb.params, arrays, queries, beam_size=beam, top_k=top_k,
                                 constrained=constrained).image_ids
@@ -202,7 +203,7 @@ def bench_gallery(mb: ModelBench, beam: int) -> dict[str, float]:
   return out
 
 
-def _xla_cost(mb: ModelBench, arrays: bs.IndexArrays, queries: jax.Array, beam: int,
+def _xla_cost(mb: ModelBench, arrays: IndexArrays, queries: jax.Array, beam: int,
               constrained: bool = True) -> dict[str, float]:
   compiled = bs.beam_search.lower(mb.fns, mb.params, arrays, queries, beam_size=beam, top_k=beam,
                                   constrained=constrained).compile()
@@ -228,7 +229,13 @@ def bench_overhead(mb: ModelBench, beam: int, n: int) -> dict[str, float]:
 
 
 def analytic_flops(p: Preset, queries: int, beam: int) -> dict[str, float]:
-  """DESIGN.md's cost model, generalized to the preset: FLOPs of one batched search (2 per multiply-add)."""
+  """FLOPs of one batched search (2 per multiply-add), counted from the model's shapes.
+
+  At the paper's size (decoder width 768, 12 blocks, 197 encoder tokens, M = 4) this is ~0.21 GFLOP per
+  new token, ~5.6 GFLOP of cross-attention keys/values per query once, ~12 GFLOP per query at B = 10 and
+  ~24 at B = 30; the ViT-B/16 encoder is ~35 GFLOP per image. A search without a cache that re-runs every
+  prefix for every beam (the public reference's) costs ~0.7 / 2.1 TFLOP per query at B = 10 / 30.
+  """
   d, t_enc = p.enc_width, p.enc_tokens
   patches = t_enc - 1
   encoder = 2 * patches * (p.patch_size ** 2 * 3) * d + p.enc_depth * t_enc * (24 * d * d + 4 * t_enc * d)

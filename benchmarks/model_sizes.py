@@ -31,14 +31,11 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from irgen_jax import aot  # noqa: E402
 from irgen_jax.data import registry  # noqa: E402
+from irgen_jax.models import build  # noqa: E402
 from irgen_jax.models import retriever as retriever_model  # noqa: E402
-from irgen_jax.trainers import retriever as retriever_trainer  # noqa: E402
-from irgen_jax.trainers import tokenizer as tokenizer_trainer  # noqa: E402
 
 
 def load_config(name: str, arg: str | None = None):
@@ -51,7 +48,7 @@ def load_config(name: str, arg: str | None = None):
 
 
 def retriever_counts(c) -> dict[str, Any]:
-  model = retriever_trainer.build_model(c)
+  model = build.retriever(c)
   counts = retriever_model.param_counts(model)  # jax.eval_shape of model.init
   enc = model.encoder
   return {"total": counts["total"], "encoder": counts["encoder"], "rest": counts["decoder"],
@@ -61,12 +58,9 @@ def retriever_counts(c) -> dict[str, Any]:
 
 
 def tokenizer_counts(c, num_classes: int) -> dict[str, Any]:
-  model = tokenizer_trainer.build_model(c, num_classes)
+  model = build.tokenizer(c, num_classes)
   s = c.data.image_size
-  images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  books = jax.ShapeDtypeStruct((c.ids.length, c.ids.codebook_size, tokenizer_trainer.feature_dim(model)),
-                               jnp.float32)
-  params = jax.eval_shape(model.init, jax.random.key(0), images, books)["params"]
+  params = build.tokenizer_param_shapes(c, model)
   total = retriever_model.count_params(params)
   encoder = retriever_model.count_params(params["encoder"])
   enc = model.encoder

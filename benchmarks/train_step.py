@@ -93,14 +93,7 @@ def without_missing_clip(c):
 def dataset_sizes(c) -> tuple[int, int]:
   """(classes, database images) of the config's dataset, without reading it."""
   from irgen_jax.data import registry
-  if c.data.name == "synthetic":
-    classes, database = c.data.synthetic.num_classes, c.data.synthetic.num_database
-  else:
-    classes = registry.NUM_CLASSES.get(c.data.name, 1000)
-    database = registry.NUM_DATABASE.get(c.data.name, 100_000)
-  if c.data.max_database:
-    database = min(database, c.data.max_database)
-  return classes, database
+  return registry.num_classes(c.data), registry.database_size(c.data)
 
 
 def programs(c, mesh, rng) -> dict[str, dict[str, Any]]:
@@ -110,7 +103,9 @@ def programs(c, mesh, rng) -> dict[str, dict[str, Any]]:
   import numpy as np
 
   from irgen_jax import parallel
-  from irgen_jax.trainers import retriever, tokenizer
+  from irgen_jax.models import build
+  from irgen_jax.trainers import train_retriever as retriever
+  from irgen_jax.trainers import train_tokenizer as tokenizer
 
   num_classes, num_database = dataset_sizes(c)
   s = c.data.image_size
@@ -119,7 +114,7 @@ def programs(c, mesh, rng) -> dict[str, dict[str, Any]]:
     b = c[stage].batch_size
     images = rng.normal(size=(b, s, s, 3)).astype(np.float32)
     if stage == "tokenizer":
-      model = tokenizer.build_model(c, num_classes)
+      model = build.tokenizer(c, num_classes)
       tx = tokenizer.make_optimizer(c, total_steps=10_000)
       state = parallel.create_replicated(tokenizer.init_fn(model, tx, c), mesh)
       codebooks = rng.normal(scale=0.1, size=state["codebooks"].shape).astype(np.float32)
@@ -127,7 +122,7 @@ def programs(c, mesh, rng) -> dict[str, dict[str, Any]]:
       batch = {"image": images, "label": rng.integers(0, num_classes, b).astype(np.int32)}
       step, extra = tokenizer.make_train_step(model, tx, c), ()
     elif stage == "retriever":
-      model = retriever.build_model(c)
+      model = build.retriever(c)
       tx = retriever.make_optimizer(c, total_steps=10_000)
       state = parallel.create_replicated(retriever.init_fn(model, tx, c), mesh)
       codes = rng.integers(0, c.ids.codebook_size, (num_database, c.ids.length)).astype(np.int32)

@@ -38,8 +38,9 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, data_dir="", image_size=32, resize=0, batch_size=64, steps=1000,
                              seed=0, runlocal=False)
   if not arg.data_dir:
-    raise ValueError("configs/folder.py needs the folder: --config=configs/folder.py:data_dir=ROOT "
-                     "(ROOT/database/<class>/<image>, ROOT/query/<class>/<image>).")
+    raise config_lib.ConfigError(
+        "configs/folder.py needs the folder: --config=configs/folder.py:data_dir=ROOT "
+        "(ROOT/database/<class>/<image>, ROOT/query/<class>/<image>).")
   root = os.path.abspath(os.path.expanduser(arg.data_dir))
   c = config_lib.base_config()
   c.seed = arg.seed
@@ -82,3 +83,4 @@ def get_config(arg=None):
     c.checkpoint.every_steps = 4
     c.log_every_steps = 2
   return c
+

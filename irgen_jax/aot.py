@@ -48,7 +48,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 from jax.sharding import Mesh
 
-from irgen_jax import config_lib, parallel
+from irgen_jax import cli, config_lib, parallel
+from irgen_jax.errors import UserError
 
 GiB = 2**30
 
@@ -90,7 +91,7 @@ def parse_topology_name(name: str) -> tuple[Chip, tuple[int, ...]]:
   chip = CHIPS.get(m.group(1)) if m else None
   shape = tuple(int(d) for d in m.group(2).split("x")) if m else ()
   if chip is None or len(shape) != chip.ndims or min(shape) < 1:
-    raise ValueError(f"Bad TPU topology {name!r}; expected one of {_VALID_FORMS}.")
+    raise UserError(f"Bad TPU topology {name!r}; expected one of {_VALID_FORMS}.")
   return chip, shape
 
 
@@ -170,7 +171,7 @@ def load_topology(name: str) -> Topology:
   try:
     desc = topologies.get_topology_desc(topology_name=canonical, platform="tpu", **kwargs)
   except jax.errors.JaxRuntimeError as e:
-    raise ValueError(f"libtpu does not know the TPU topology {name!r}: {e}. "
+    raise UserError(f"libtpu does not know the TPU topology {name!r}: {e}. "
                      f"Expected one of {_VALID_FORMS}.") from e
   devices = tuple(desc.devices)
   if len(devices) != chips:
@@ -407,9 +408,9 @@ def compile_program(name: str, jitted_fn: Callable[..., Any], abstract_args: Seq
 
 # Stage (config.stages) -> "module:function" that returns that stage's programs.
 DEFAULT_PROVIDERS: dict[str, str] = {
-    "tokenizer": "irgen_jax.trainers.tokenizer:aot_program",
-    "retriever": "irgen_jax.trainers.retriever:aot_program",
-    "evaluate": "irgen_jax.search_program:aot_program",
+    "tokenizer": "irgen_jax.trainers.train_tokenizer:aot_program",
+    "retriever": "irgen_jax.trainers.train_retriever:aot_program",
+    "evaluate": "irgen_jax.decoding.program:aot_program",
 }
 
 
@@ -600,7 +601,7 @@ def run(config: Any, topology: Topology | str, *,
 
 
 def _main() -> None:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   # Flags are defined here, not at import, so importing this module (tests, the main entry point)
@@ -615,19 +616,16 @@ def _main() -> None:
 
   def main(argv):
     if len(argv) > 1:
-      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+      raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     # Compiling for a described slice needs no attached accelerator; on a TPU VM whose chips a run
     # holds, opening them would fail.
     if not os.environ.get("JAX_PLATFORMS"):
       jax.config.update("jax_platforms", "cpu")
-    try:
-      topology = load_topology(FLAGS.topology)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from e
+    topology = load_topology(FLAGS.topology)
     reports = run(FLAGS.config, topology, providers=FLAGS.providers, json_path=FLAGS.json)
-    return 0 if all(r.fits for r in reports) else 1
+    sys.exit(0 if all(r.fits for r in reports) else 1)
 
-  app.run(main)
+  cli.run(main, config_flag="config")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,63 @@ A config file is ``get_config(arg=None)``; ``arg`` is what follows the colon on 
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import ml_collections
+
+from irgen_jax.errors import ConfigError
+
+
+def load_module(config_arg: str):
+  """``configs/X.py[:ARG]`` -> (the config file as a module, ARG or None).
+
+  Raises ``ConfigError`` when the file does not exist or has no ``get_config``.
+  """
+  path, _, arg = config_arg.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"no config file {path!r} (expected a file such as configs/fashion_mnist.py).")
+  name = "_irgen_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses in a config file look their module up
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config(arg) function.")
+  return module, arg or None
+
+
+def load(config_arg: str) -> ml_collections.ConfigDict:
+  """``configs/X.py[:ARG]`` -> the file's ``get_config(ARG)``, as ``--config=`` of a command loads it.
+
+  Raises ``ConfigError`` when the file does not exist or rejects the argument.
+  """
+  module, arg = load_module(config_arg)
+  return module.get_config(arg)
+
+
+def override(c: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """A copy of ``c`` with ``{"a.b": value}`` overrides applied; ``ConfigError`` naming a field that
+  does not exist or a value of another type than the field's."""
+  out = ml_collections.ConfigDict(c.to_dict())
+  for field, value in overrides.items():
+    node, parts = out, field.split(".")
+    for i, part in enumerate(parts[:-1]):
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ConfigError(f"{field}: {'.'.join(parts[:i + 1])!r} is not a section of the config.")
+      node = node[part]
+    if parts[-1] not in node:
+      raise ConfigError(f"{field}: not a field of the config (its section has "
+                        f"{', '.join(sorted(node.keys()))}).")
+    old = node[parts[-1]]
+    if isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):
+      value = type(old)(value)
+    try:
+      node[parts[-1]] = value
+    except TypeError as e:
+      raise ConfigError(f"{field}={value!r}: expected a value like {old!r} ({e}).") from None
+  return out
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -20,22 +76,35 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+      raise ConfigError(f"unknown config argument {key!r}; known: {', '.join(sorted(defaults))}.")
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):
-        raise ValueError(f"Config argument {key!r} needs a value ({key}=...).")
+        raise ConfigError(f"config argument {key!r} needs a value ({key}=...).")
       out[key] = True
     elif isinstance(default, bool):
       if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"Config argument {key}={value!r}: expected true or false.")
+        raise ConfigError(f"config argument {key}={value!r}: expected true or false.")
       out[key] = value.lower() in ("true", "1")
-    elif isinstance(default, int):
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ConfigError(f"config argument {key}={value!r}: expected {kind}.") from None
     else:
       out[key] = value
+  return out
+
+
+def flatten(d, prefix: str = "") -> dict:
+  """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for comparing configs field by field)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
   return out
 
 
@@ -155,7 +224,7 @@ def stages(c: ml_collections.ConfigDict) -> list[str]:
   names = [s.strip() for s in str(c.stages).split(",") if s.strip()]
   unknown = [s for s in names if s not in STAGES]
   if unknown or not names:
-    raise ValueError(f"config.stages={c.stages!r}: unknown stage(s) {unknown}; expected a comma-"
+    raise ConfigError(f"config.stages={c.stages!r}: unknown stage(s) {unknown}; expected a comma-"
                      f"separated subset of {', '.join(STAGES)}.")
   return [s for s in STAGES if s in names]
 
@@ -212,7 +281,6 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
     need(bool(path), f"{field}.clip_path", path,
          "the path of a CLIP checkpoint (a Hugging Face directory or an OpenAI .pt) because the "
          "encoder is initialized from CLIP")
-    import os
     need(os.path.exists(path), f"{field}.clip_path", path, "an existing file or directory")
   need(c.tokenizer.lambda1 >= 0 and c.tokenizer.lambda2 >= 0, "tokenizer.lambda1/lambda2",
        (c.tokenizer.lambda1, c.tokenizer.lambda2), "non-negative weights")
@@ -230,7 +298,6 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   need(c.tokenizer.get("refit_max_images", 0) >= 0, "tokenizer.refit_max_images",
        c.tokenizer.get("refit_max_images", 0), ">= 0 (0 = the whole database)")
   if c.eval.extra_encoder:
-    import os
     need(os.path.exists(c.eval.extra_encoder), "eval.extra_encoder", c.eval.extra_encoder,
          "an existing CLIP checkpoint (a Hugging Face CLIP directory or an OpenAI CLIP .pt file)")
   unknown = [b for b in c.eval.baselines if b not in ("linear_scan", "faiss_ivfpq", "scann")]
@@ -243,12 +310,11 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
 
 def _need(ok, field, value, expected):
   if not ok:
-    raise ValueError(f"config.{field}={value!r}: expected {expected}.")
+    raise ConfigError(f"config.{field}={value!r}: expected {expected}.")
 
 
 def _check_stage_inputs(c: ml_collections.ConfigDict, workdir: str) -> None:
   """Each stage to run starts from files of earlier stages: in this run's stages or in ``workdir``."""
-  import os
   run = set(stages(c))
 
   def have(stage, *parts):

@@ -1,10 +1,10 @@
 """The evaluate stage: IRGen's beam search over every query, the baselines on the same features, the report.
 
 - IRGen: the retriever encodes each query once and the constrained beam search returns its top-K
-  database images (``beam_search``), batched and sharded over the mesh. Beam agreement: on a fixed
-  sample of queries, whether the beam's top-K equals the exact top-K under the model
-  (``beam_search.search_exact``: certified wider beams, exhaustive scoring where they cannot certify),
-  and the fraction of the exact top-K the beam's top-K holds (overlap).
+  database images (``decoding.program.SearchProgram``), batched and sharded over the mesh. Beam
+  agreement: on a fixed sample of queries, whether the beam's top-K equals the exact top-K under the
+  model (``beam_search.search_exact``: certified wider beams, exhaustive scoring where they cannot
+  certify), and the fraction of the exact top-K the beam's top-K holds (overlap).
 - Baselines (the paper's Table 1 rows) over the tokenizer's f_cls of the same run: exact linear scan
   (L2, and cosine), Faiss IVF-PQ, ScaNN; and over a second encoder (CLIP) when ``eval.extra_encoder``
   names a checkpoint.
@@ -12,12 +12,12 @@
 
 Timing: queries per second with the query encoder (everything from images to ids) and without it
 (search only). The encoder's time is measured alone on the same queries; compiles happen before timing.
+Failpoint: ``evaluate.searched`` after IRGen's search, before the baselines (and the report's own).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -28,58 +28,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from irgen_jax import beam_search, catalog, inference, parallel
+from irgen_jax import failpoints, features, files, inference, parallel
+from irgen_jax.decoding import beam_search
+from irgen_jax.decoding.program import SearchProgram, list_length, retriever_decode_fns
 from irgen_jax.evaluators import baselines, report
 from irgen_jax.evaluators.results import MethodResult
-from irgen_jax.index import Index
-from irgen_jax.models import retriever as retriever_model
-from irgen_jax.models import vit
-from irgen_jax.trainers import common
-from irgen_jax.trainers import retriever as retriever_trainer
-from irgen_jax.trainers import tokenizer as tokenizer_trainer
+from irgen_jax.models import build, vit
+from irgen_jax.workdir import REPORT, TOKENIZER_STATS, IndexedImages, Workdir
 
 log = logging.getLogger(__name__)
 
 
-def _timed_map(fn, source, c, mesh, description=""):
-  """``inference.map_split`` after one warm-up batch, so compiles are not timed."""
-  kw = dict(mesh=mesh, batch_size=c.search.query_batch_size, image_size=c.data.image_size,
-            resize_size=c.data.resize_size)
-  inference.map_split(fn, inference.Subset(source, [0]), **kw)
-  return inference.map_split(fn, source, description=description, **kw)
-
-
-def load_index(c, workdir: str) -> Index:
-  return Index.load(os.path.join(workdir, tokenizer_trainer.INDEX_FILE), num_levels=c.ids.length,
-                    num_tokens=c.ids.codebook_size)
-
-
-def irgen_search_fn(model, params, arrays, *, beam_size: int, top_k: int):
-  """Jitted ``images -> (image_ids, scores)`` for ``inference.map_split``."""
-  fns = retriever_model.make_decode_fns(model)
-
-  @jax.jit
-  def run(params, arrays, images):
-    res = beam_search.beam_search(fns, params, arrays, images, beam_size=beam_size, top_k=top_k)
-    return res.image_ids, res.scores
-  return functools.partial(run, params, arrays)
-
-
-def _irgen(c, workdir, mesh, ds, top_k) -> MethodResult:
-  model, params = retriever_trainer.load_params(c, workdir)
-  index = load_index(c, workdir)
-  arrays = index.device_arrays()
-  search = irgen_search_fn(model, params, arrays, beam_size=c.search.beam_size, top_k=top_k)
-  (ids, scores), total_s = _timed_map(search, ds.query, c, mesh, description="beam search")
-  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode"))
-  _, encode_s = _timed_map(functools.partial(encode, params), ds.query, c, mesh)
+def _irgen(c, wd: Workdir, mesh, ds, indexed: IndexedImages, top_k) -> MethodResult:
+  model, params = wd.load_retriever(c)
+  index = indexed.index
+  program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k)
+  (ids, scores), total_s = program.run(ds.query, warm_up=True, description="beam search")
+  encode_s = program.encode_seconds(ds.query)
   extra = {"beam_size": c.search.beam_size, "index_bytes_per_image": index.bytes_per_image}
   extra.update(_agreement(c, mesh, ds, model, params, index, ids))
-  stats_path = os.path.join(workdir, "tokenizer", "stats.json")
-  build_s = None
-  if os.path.exists(stats_path):
-    with open(stats_path) as f:
-      build_s = json.load(f).get("index_build_s")
+  stats_path = wd.path(TOKENIZER_STATS)
+  build_s = files.read_json(stats_path).get("index_build_s") if os.path.exists(stats_path) else None
   return MethodResult(ids=ids, scores=scores, kind="beam_search", build_s=build_s,
                       search_s=max(total_s - encode_s, 1e-9), encode_s=encode_s,
                       index_bytes=index.nbytes, settings={"beam_size": c.search.beam_size},
@@ -105,7 +74,7 @@ def _agreement(c, mesh, ds, model, params, index, beam_ids) -> dict[str, float]:
                                   image_size=c.data.image_size, resize_size=c.data.resize_size)
   t0 = time.perf_counter()
   exact_ids, _, info = beam_search.search_exact(
-      retriever_model.make_decode_fns(model), params, index, images, top_k=k,
+      retriever_decode_fns(model), params, index, images, top_k=k,
       beam_size=c.search.beam_size, max_beam_size=c.eval.get("agreement_max_beam", 1024),
       max_batch=c.search.query_batch_size)
   agree = (exact_ids == beam_ids[rows, :k]).all(axis=1)
@@ -153,59 +122,58 @@ def _baselines(c, prefix: str, db_feats, q_feats, encode_s: float, top_k: int, m
 def _clip_features(c, path: str, ds, database, mesh):
   """CLIP image embeddings (ln_post + projection of the class token) of database and queries."""
   module, params = vit.load_clip(path, image_size=c.data.image_size, ln_post=True, proj=True,
-                                 dtype=common.compute_dtype(c))
+                                 dtype=build.compute_dtype(c))
   fn = jax.jit(lambda p, x: module.apply({"params": p}, x)[:, 0].astype(jnp.float32))
   db, _ = inference.map_split(functools.partial(fn, params), database, mesh=mesh,
                               batch_size=c.search.query_batch_size * 4,
                               image_size=c.data.image_size, resize_size=c.data.resize_size,
                               description="CLIP database features")
-  q, encode_s = _timed_map(functools.partial(fn, params), ds.query, c, mesh)
+  q, encode_s = inference.map_split(functools.partial(fn, params), ds.query, mesh=mesh,
+                                    batch_size=c.search.query_batch_size, warm_up=True,
+                                    image_size=c.data.image_size, resize_size=c.data.resize_size)
   return db, q, encode_s
 
 
-def _image_or_placeholder(cat: catalog.Catalog, j: int) -> np.ndarray:
-  img = cat.image(j)
-  return np.full((32, 32, 3), 200, np.uint8) if img is None else img
-
-
-def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
+def run(c: ml_collections.ConfigDict, wd: Workdir, mesh) -> dict[str, Any]:
   # The database is what the index holds: the indexed records, then any inserted images
   # (``python -m irgen_jax.insert``; with data.indexed_fraction < 1 the held-out records).
-  cat = catalog.Catalog.open(workdir, c)
-  ds = cat.dataset
-  database_labels = cat.labels()
-  inserted = cat.num_images - cat.num_base
+  indexed = IndexedImages.open(wd, c)
+  ds = indexed.dataset
+  database_labels = indexed.labels()
+  inserted = indexed.num_images - indexed.num_base
   if inserted:
     log.info("Evaluating over %d database images: %d indexed by the tokenizer stage, %d inserted "
-             "since (%s).", cat.num_images, cat.num_base, inserted,
-             ", ".join(f"{b['count']} {b['source']}" for b in cat.batches))
+             "since (%s).", indexed.num_images, indexed.num_base, inserted,
+             ", ".join(f"{b['count']} {b['source']}" for b in indexed.batches))
   elif ds.held_out:
     log.info("Evaluating over the %d indexed database images; %d held-out records are not inserted "
-             "yet (python -m irgen_jax.insert --held_out).", cat.num_base, ds.held_out)
-  # Every method lists at most the whole database (exact scans cannot list more).
-  top_k = min(max(max(c.eval.ks), c.eval.map_at), cat.num_images)
-  methods: dict[str, MethodResult] = {"irgen": _irgen(c, workdir, mesh, ds, top_k)}
+             "yet (python -m irgen_jax.insert --held_out).", indexed.num_base, ds.held_out)
+  top_k = list_length(c, indexed.num_images)
+  methods: dict[str, MethodResult] = {"irgen": _irgen(c, wd, mesh, ds, indexed, top_k)}
+  failpoints.hit("evaluate.searched")
 
-  tok_model, tok_params = tokenizer_trainer.load_params(c, workdir, ds.num_classes)
-  db_feats = cat.features()
-  q_feats, q_encode_s = _timed_map(functools.partial(tokenizer_trainer.features_fn(tok_model),
-                                                     tok_params), ds.query, c, mesh)
+  tok_model, tok_params = wd.load_tokenizer(c, ds.num_classes)
+  db_feats = indexed.features()
+  q_feats, q_encode_s = inference.map_split(
+      functools.partial(features.features_fn(tok_model), tok_params), ds.query, mesh=mesh,
+      batch_size=c.search.query_batch_size, image_size=c.data.image_size,
+      resize_size=c.data.resize_size, warm_up=True)
   methods.update(_baselines(c, "", db_feats, q_feats, q_encode_s, top_k, metric="l2"))
   if c.eval.extra_encoder:
-    clip_db, clip_q, clip_s = _clip_features(c, c.eval.extra_encoder, ds, cat.source(), mesh)
+    clip_db, clip_q, clip_s = _clip_features(c, c.eval.extra_encoder, ds, indexed.source(), mesh)
     methods.update(_baselines(c, "clip_", clip_db, clip_q, clip_s, top_k, metric="cosine"))
 
-  out_dir = os.path.join(workdir, "report")
+  out_dir = wd.path(REPORT)
   result = {}
   if jax.process_index() == 0:
     result = report.write_report(
         out_dir, dataset=c.data.name, ks=tuple(c.eval.ks), query_labels=ds.labels("query"),
         database_labels=database_labels, methods=methods,
         query_image=lambda i: ds.query[int(i)]["image"],
-        database_image=lambda j: _image_or_placeholder(cat, int(j)),
+        database_image=lambda j: indexed.image_or_placeholder(int(j)),
         num_gallery_queries=c.eval.gallery_queries, seed=c.seed, map_at=c.eval.map_at)
   parallel.sync("report written")
   summary = {name: {k: v for k, v in m.items() if k.startswith(("precision@", "recall@"))}
              for name, m in result.get("methods", {}).items()}
   log.info("Report in %s: %s", out_dir, summary)
-  return {"report": out_dir, "num_database": cat.num_images, "inserted": inserted}
+  return {"report": out_dir, "num_database": indexed.num_images, "inserted": inserted}

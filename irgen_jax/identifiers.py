@@ -6,6 +6,9 @@
 - ``hkm``: hierarchical k-means over the tokenizer's features (the "HKM_k" ablation, as DSI/NCI build
   document identifiers): ``k`` clusters at the first level, each cluster split into ``k`` again, and so
   on for M levels; a group of at most ``k`` points gets one code per point.
+
+``assign`` gives the indexed database its identifiers (the tokenizer stage); ``for_new_images`` gives
+images inserted later theirs, by the same kind and, for semantic identifiers, the same function.
 """
 
 from __future__ import annotations
@@ -38,6 +41,38 @@ def assign(kind: str, features: np.ndarray, *, length: int, codebook_size: int, 
                        f"({codebook_size}).")
     return hierarchical_kmeans(features, levels=length, clusters=hkm_clusters, iters=kmeans_iters,
                                seed=seed), {}
+  raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
+
+
+def for_new_images(kind: str, features: np.ndarray, *, length: int, codebook_size: int, seed: int,
+                   num_indexed: int, codebooks: np.ndarray | None = None,
+                   indexed_features: np.ndarray | None = None,
+                   indexed_codes: np.ndarray | None = None) -> np.ndarray:
+  """Codes ``int32 [n, length]`` for images added to an index of ``num_indexed`` images, without
+  retraining or refitting anything.
+
+  - ``semantic``: residual quantization with the run's ``codebooks`` (``rq.encode``, exactly as
+    ``assign`` coded the database): an image equal to a database image gets that image's identifier.
+  - ``random``: fresh uniformly random codes, seeded by ``seed`` and the index size.
+  - ``hkm``: the run kept no k-means centroids, so a new image takes the identifier of its nearest
+    indexed image (``indexed_features`` [N, D], ``indexed_codes`` [N, M]): it joins that image's
+    cluster at every level.
+  """
+  features = np.asarray(features, np.float32)
+  if kind == "semantic":
+    if codebooks is None:
+      raise ValueError("semantic identifiers of new images need the run's codebooks.")
+    return np.asarray(rq.encode(features, codebooks), np.int32)
+  if kind == "random":
+    rng = np.random.default_rng([int(seed), 0xC0DE, int(num_indexed)])
+    return rng.integers(0, codebook_size, size=(len(features), length), dtype=np.int32)
+  if kind == "hkm":
+    import faiss
+    known = np.ascontiguousarray(indexed_features, np.float32)
+    flat = faiss.IndexFlatL2(known.shape[1])
+    flat.add(known)
+    _, nearest = flat.search(np.ascontiguousarray(features), 1)
+    return np.asarray(indexed_codes)[nearest[:, 0]].astype(np.int32)
   raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
 
 

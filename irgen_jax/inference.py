@@ -32,6 +32,12 @@ class Subset:
     return dict(self.source[int(self.rows[i])], index=int(i))
 
 
+def batch_for(num_records: int, batch_size: int) -> int:
+  """The batch for ``num_records`` records: ``batch_size``, or the power of two >= ``num_records`` when
+  that is smaller (a handful of queries is not padded to a large batch; few sizes, few compiles)."""
+  return max(1, min(batch_size, 1 << max(0, num_records - 1).bit_length()))
+
+
 def round_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   """``batch_size`` rounded up to a multiple of the device count (every device gets equal rows)."""
   n = mesh.devices.size
@@ -41,13 +47,18 @@ def round_batch(batch_size: int, mesh: jax.sharding.Mesh) -> int:
 def map_split(
     fn: Callable[[Any], Any], source: Any, *, mesh: jax.sharding.Mesh, batch_size: int,
     image_size: int, resize_size: int, description: str = "", num_threads: int = 1,
+    warm_up: bool = False,
 ) -> tuple[Any, float]:
   """Applies ``fn(images float32 [b, S, S, 3]) -> pytree of [b, ...] arrays`` to every record.
 
   Returns ``(outputs, seconds)``: a pytree of numpy arrays ``[len(source), ...]`` in record order,
   and the wall time spent (loading included). ``fn`` should be jitted; it sees global arrays sharded
-  over the mesh's ``data`` axis.
+  over the mesh's ``data`` axis. ``warm_up`` first runs one batch (of the same size) untimed, so that
+  compiles are not in the seconds.
   """
+  if warm_up:
+    map_split(fn, Subset(source, [0]), mesh=mesh, batch_size=batch_size, image_size=image_size,
+              resize_size=resize_size, num_threads=num_threads)
   batch_size = round_batch(batch_size, mesh)
   ds = pipeline.eval_dataset(source, global_batch_size=batch_size, image_size=image_size,
                              resize_size=resize_size)

@@ -4,16 +4,10 @@
   python -m irgen_jax.insert --workdir=DIR --held_out [--evaluate] # the paper's Table 6 protocol
 
 Every new image goes through the run's trained tokenizer (eval transform, f_cls), gets an identifier of the
-run's kind as the tokenizer stage assigns them, and is inserted into ``WORKDIR/index.irgx``
-(``Index.insert``); it is searchable at once (``python -m irgen_jax.search``) and the next evaluate stage
-evaluates over it. Identifiers by ``ids.kind``:
-
-- ``semantic``: residual quantization with the run's codebooks (``tokenizer/identifiers.npz``), the same
-  function the stage applied to the database (``rq.encode``): an image equal to a database image gets
-  that image's identifier.
-- ``random``: fresh uniformly random codes (seeded by the run's seed and the index size).
-- ``hkm``: the run kept no k-means centroids, so a new image takes the identifier of its nearest indexed
-  image in the tokenizer's feature space (it joins that image's cluster at every level).
+run's kind exactly as the tokenizer stage assigns them (``identifiers.for_new_images``: semantic codes from
+the run's codebooks, fresh random codes, or the HKM identifier of the nearest indexed image), and is
+inserted into ``WORKDIR/index.irgx`` (``Index.insert``); it is searchable at once
+(``python -m irgen_jax.search``), and the evaluate stage is due again.
 
 ``--folder=ROOT``: image files directly in ROOT or in ``ROOT/<class>/`` sub-folders (nested folders of a
 class are read too). A class folder whose name is one of the dataset's class names (or its label number,
@@ -22,46 +16,40 @@ that label, so they count as positives in evaluations; other images keep their f
 The files are not copied: the index refers to them by path. Every file is read before any compute; an
 unreadable one is an error naming it (``--skip_corrupt`` leaves such files out).
 
-``--held_out``: the dataset's held-out database records (a run with ``data.indexed_fraction`` < 1 trains on
-and indexes only its fixed indexed part; ``registry.indexed_split``). Once inserted, the evaluate stage
-evaluates IRGen and the baselines (over the same tokenizer's features) on the whole database; it runs
-with ``--evaluate``, or with the next ``python -m irgen_jax.main ... --config.stages=evaluate``.
+Re-running is safe: images are recognized by content (the SHA-256 of the file), so a file already in
+the index, or a second copy of one in the same folder, is skipped and counted; an insert with nothing
+new is a no-op that says so. ``--held_out`` inserts the dataset's held-out database records once (a run
+with ``data.indexed_fraction`` < 1 trains on and indexes only its fixed indexed part).
 
-Writes are crash-safe: the index file is replaced atomically, last, after the files that describe the new
-images (``catalog.commit_insert``), so a kill leaves either the old index with its description or the new
-one with its own. The evaluate stage's ``done.json`` is moved aside (the report describes the old index).
-``insert_folder`` and ``insert_held_out`` are the command as functions.
+The insert protocol (this module owns it). The files describing the new index of N images
+(``inserted/{state,features,codes}-<N>``, see ``workdir.IndexedImages``) are written first, each
+atomically, and only then is the index file replaced, atomically: the index file is the commit point.
+A kill before the rename leaves the old index, which still names its own, untouched state files; a
+kill after it leaves a complete new state. Files of other N (an abandoned attempt, superseded states)
+are removed by the next insert. One insert at a time (a lock). Failpoints: ``insert.before_commit``,
+``insert.after_commit``.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import logging
 import os
 import re
-import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
-from irgen_jax import catalog as catalog_lib
+from irgen_jax import cli, failpoints, features, files, identifiers, parallel, stages
 from irgen_jax.data import images as images_lib
+from irgen_jax.errors import UserError
+from irgen_jax.workdir import INDEX, INSERTED, INSERTED_FORMAT, IndexedImages, Workdir
 
 log = logging.getLogger(__name__)
 
-
-class _Rows:
-  """Rows ``rows`` of a random-access source, re-indexed 0..n-1."""
-
-  def __init__(self, source, rows):
-    self.source, self.rows = source, np.asarray(rows, np.int64)
-
-  def __len__(self):
-    return len(self.rows)
-
-  def __getitem__(self, i):
-    return dict(self.source[int(self.rows[int(i)])], index=int(i))
+_STATE_RE = re.compile(r"^(state|features|codes)-(\d+)\.(json|npy)$")
 
 
 class _Files:
@@ -106,7 +94,7 @@ def list_folder(root: str) -> list[tuple[str, str]]:
   """``[(path, class folder name or "")]`` of the image files under ROOT, in sorted order."""
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise FileNotFoundError(f"Folder {root} does not exist.")
+    raise UserError(f"--folder={root}: no such folder.")
   out, ignored = [], 0
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -122,147 +110,221 @@ def list_folder(root: str) -> list[tuple[str, str]]:
   if ignored:
     log.info("%s: ignored %d non-image file(s).", root, ignored)
   if not out:
-    raise ValueError(f"Folder {root} holds no image files (extensions "
-                     f"{sorted(images_lib.IMAGE_EXTENSIONS)}).")
+    raise UserError(f"--folder={root} holds no image files (extensions "
+                    f"{', '.join(sorted(images_lib.IMAGE_EXTENSIONS))}).")
   return out
 
 
 # ---------------------------------------------------------------------------------------------------
-# Identifiers
+# The protocol
 
 
-def new_identifiers(c, workdir: str, features: np.ndarray, catalog: catalog_lib.Catalog) -> np.ndarray:
-  """int32 [n, M] identifiers of new images with tokenizer ``features`` [n, D] (module docstring)."""
-  kind = c.ids.kind
-  features = np.asarray(features, np.float32)
-  if kind == "semantic":
-    from irgen_jax.models import rq
-    from irgen_jax.trainers import tokenizer as tokenizer_trainer
-    stored = tokenizer_trainer.load_identifiers(workdir)
-    if "codebooks" not in stored:
-      raise ValueError(f"{workdir}/tokenizer/identifiers.npz has no codebooks (ids.kind=semantic).")
-    return np.asarray(rq.encode(features, stored["codebooks"]), np.int32)
-  if kind == "random":
-    rng = np.random.default_rng([int(c.seed), 0xC0DE, catalog.num_images])
-    return rng.integers(0, c.ids.codebook_size, size=(len(features), c.ids.length), dtype=np.int32)
-  if kind == "hkm":
-    import faiss
-    known = np.ascontiguousarray(catalog.features(), np.float32)
-    flat = faiss.IndexFlatL2(known.shape[1])
-    flat.add(known)
-    _, nearest = flat.search(np.ascontiguousarray(features), 1)
-    return catalog.index.codes()[nearest[:, 0]].astype(np.int32)
-  raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
+@contextlib.contextmanager
+def insert_lock(wd: Workdir):
+  """An exclusive lock on the workdir's inserted images (one insert at a time)."""
+  import fcntl
+  directory = wd.path(INSERTED)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, ".lock"), "w") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      raise UserError(f"Another insert into {wd.root} is running (lock {f.name}).") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Inserting
+def commit(indexed: IndexedImages, batch: dict[str, Any], feats: np.ndarray, codes: np.ndarray
+           ) -> IndexedImages:
+  """Appends ``codes`` [n, M] (with their ``feats`` [n, D]) as one batch; returns the new state.
+
+  ``batch``: ``{"source": "held_out"}`` or ``{"source": "folder", "root", "files", "sha256", "labels",
+  "class_names"}`` (per-image lists); ``start`` and ``count`` are filled in. Crash-safe (module
+  docstring).
+  """
+  wd = indexed.workdir
+  n_old, n = indexed.num_images, len(codes)
+  if n == 0:
+    return indexed
+  if feats.shape[0] != n:
+    raise ValueError(f"{feats.shape[0]} feature rows for {n} codes.")
+  new_index = indexed.index.insert(codes)
+  n_new = new_index.num_images
+  old_feats, old_codes = indexed.inserted_features(), indexed.inserted_codes()
+  all_feats = feats if old_feats is None else np.concatenate([old_feats, feats])
+  all_codes = codes if old_codes is None else np.concatenate([old_codes, codes])
+  batches = indexed.batches + [dict(batch, start=n_old, count=n)]
+  state = {"format": INSERTED_FORMAT, "version": 1, "num_base": indexed.num_base,
+           "num_images": n_new, "batches": batches}
+  files.write_npy(wd.inserted_file("features", n_new), np.asarray(all_feats, np.float32))
+  files.write_npy(wd.inserted_file("codes", n_new), np.asarray(all_codes, np.int32))
+  files.write_json(wd.inserted_file("state", n_new), state)
+  failpoints.hit("insert.before_commit")
+  new_index.save(wd.path(INDEX))  # the commit point
+  failpoints.hit("insert.after_commit")
+  _finish(wd, n_new)
+  return dataclasses.replace(indexed, index=new_index, batches=batches)
 
 
-def _insert(workdir: str, c, cat: catalog_lib.Catalog, source, batch: dict[str, Any], mesh=None
+def _finish(wd: Workdir, num_images: int) -> None:
+  """What follows a commit (and what a re-run after a kill there completes): the files of other
+  index sizes go, and the evaluate stage's marker when the report describes another index."""
+  directory = wd.path(INSERTED)
+  files.remove_temporaries(directory)
+  for name in os.listdir(directory):
+    m = _STATE_RE.match(name)
+    if m and int(m.group(2)) != num_images:
+      with contextlib.suppress(OSError):
+        os.unlink(os.path.join(directory, name))
+  if os.path.exists(wd.done_marker("evaluate")) and not wd.is_done("evaluate"):
+    os.unlink(wd.done_marker("evaluate"))
+    log.info("The index changed: the evaluate stage is due again.")
+
+
+def _insert(wd: Workdir, c, indexed: IndexedImages, source, batch: dict[str, Any], mesh=None
             ) -> dict[str, Any]:
-  from irgen_jax import parallel
-  from irgen_jax.trainers import tokenizer as tokenizer_trainer
   t0 = time.perf_counter()
   mesh = mesh or parallel.make_mesh()
-  model, params = tokenizer_trainer.load_params(c, workdir, cat.dataset.num_classes)
-  feats = tokenizer_trainer.database_features(model, params, source, c, mesh,
-                                              description="new image features")
-  codes = new_identifiers(c, workdir, feats, cat)
-  before = cat.num_images
-  new = catalog_lib.commit_insert(cat, batch, feats, codes)
-  seen = {tuple(r) for r in cat.index.identifiers().tolist()} if before else set()
+  model, params = wd.load_tokenizer(c, indexed.dataset.num_classes)
+  feats = features.of_source(model, params, source, c, mesh, description="new image features")
+  stored = wd.load_identifiers()
+  codes = identifiers.for_new_images(
+      c.ids.kind, feats, length=c.ids.length, codebook_size=c.ids.codebook_size, seed=c.seed,
+      num_indexed=indexed.num_images, codebooks=stored.get("codebooks"),
+      indexed_features=indexed.features() if c.ids.kind == "hkm" else None,
+      indexed_codes=indexed.index.codes() if c.ids.kind == "hkm" else None)
+  before = indexed.num_images
+  new = commit(indexed, batch, feats, codes)
+  seen = {tuple(r) for r in indexed.index.identifiers().tolist()} if before else set()
   fresh_ids = len({tuple(r) for r in codes.tolist()} - seen)
   info = {"inserted": len(codes), "ids": [before, new.num_images], "num_images": new.num_images,
           "new_identifiers": fresh_ids, "seconds": time.perf_counter() - t0}
   log.info("Inserted %d images into %s (ids %d..%d; %d new identifiers, the rest joined existing "
-           "ones) in %.1f s.", len(codes), catalog_lib.index_path(workdir), before,
-           new.num_images - 1, fresh_ids, info["seconds"])
+           "ones) in %.1f s.", len(codes), wd.path(INDEX), before, new.num_images - 1, fresh_ids,
+           info["seconds"])
   return info
 
 
+def _nothing(indexed: IndexedImages, why: str) -> dict[str, Any]:
+  log.info("Nothing to insert: %s", why)
+  _finish(indexed.workdir, indexed.num_images)
+  return {"inserted": 0, "ids": [indexed.num_images, indexed.num_images],
+          "num_images": indexed.num_images, "new_identifiers": 0, "seconds": 0.0, "nothing": why}
+
+
 def insert_folder(workdir: str, root: str, *, skip_corrupt: bool = False, mesh=None) -> dict[str, Any]:
-  """Inserts the image files under ``root`` (module docstring); returns a summary dict."""
-  files = list_folder(root)
+  """Inserts the image files under ``root`` that the index does not hold yet (module docstring)."""
+  listed = list_folder(root)
   skipped: list[str] = []
-  kept = [(p, cls) for p, cls in files if images_lib.encode_or_skip(p, skip_corrupt, skipped) is not None]
+  kept = [(p, cls) for p, cls in listed
+          if images_lib.encode_or_skip(p, skip_corrupt, skipped, option="--skip_corrupt") is not None]
   if skipped:
     log.warning("Skipped %d unreadable file(s): %s", len(skipped), ", ".join(skipped[:10]))
   if not kept:
-    raise ValueError(f"Every image file under {root} is unreadable.")
-  c = catalog_lib.load_config(workdir)
-  with catalog_lib.insert_lock(workdir):
-    cat = catalog_lib.Catalog.open(workdir, c)
-    labels = [label_for(cls, cat.dataset.class_names) for _, cls in kept]
-    unknown = sorted({cls for (_, cls), lab in zip(kept, labels) if lab < 0})
+    raise UserError(f"Every image file under {root} is unreadable.")
+  wd = Workdir(workdir)
+  c = wd.load_config()
+  wd.require("tokenizer", what="trained tokenizer and index")
+  with insert_lock(wd):
+    indexed = IndexedImages.open(wd, c)
+    known = indexed.inserted_hashes()
+    new, duplicates = [], 0
+    for path, cls in kept:
+      digest = files.sha256_file(path)
+      if digest in known:
+        duplicates += 1
+        continue
+      known.add(digest)
+      new.append((path, cls, digest))
+    if duplicates:
+      log.info("%d of the %d image files under %s are already in the index (same content): "
+               "skipped.", duplicates, len(kept), root)
+    if not new:
+      info = _nothing(indexed, f"all {len(kept)} image files under {root} are already in the "
+                               "index (same content).")
+      return dict(info, skipped=skipped, duplicates=duplicates)
+    labels = [label_for(cls, indexed.dataset.class_names) for _, cls, _ in new]
+    unknown = sorted({cls for (_, cls, _), lab in zip(new, labels) if lab < 0})
     if unknown:
       log.info("Class folder(s) that are no class of %s (label -1, never a positive in evaluations): "
                "%s", c.data.name, ", ".join(u or "(ROOT itself)" for u in unknown))
-    batch = {"source": "folder", "root": os.path.abspath(root), "files": [p for p, _ in kept],
-             "labels": labels, "class_names": [cls for _, cls in kept]}
-    info = _insert(workdir, c, cat, _Files([p for p, _ in kept], labels), batch, mesh)
-  return dict(info, skipped=skipped)
+    batch = {"source": "folder", "root": os.path.abspath(root), "files": [p for p, _, _ in new],
+             "sha256": [h for _, _, h in new], "labels": labels,
+             "class_names": [cls for _, cls, _ in new]}
+    info = _insert(wd, c, indexed, _Files([p for p, _, _ in new], labels), batch, mesh)
+  return dict(info, skipped=skipped, duplicates=duplicates)
+
+
+class _Rows:
+  """Rows ``rows`` of a random-access source, re-indexed 0..n-1."""
+
+  def __init__(self, source, rows):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+
+  def __len__(self):
+    return len(self.rows)
+
+  def __getitem__(self, i):
+    return dict(self.source[int(self.rows[int(i)])], index=int(i))
 
 
 def insert_held_out(workdir: str, *, mesh=None) -> dict[str, Any]:
-  """Inserts the dataset's held-out database records (``data.indexed_fraction`` < 1)."""
-  c = catalog_lib.load_config(workdir)
-  with catalog_lib.insert_lock(workdir):
-    cat = catalog_lib.Catalog.open(workdir, c)
-    ds = cat.dataset
+  """Inserts the dataset's held-out database records (``data.indexed_fraction`` < 1), once."""
+  wd = Workdir(workdir)
+  c = wd.load_config()
+  wd.require("tokenizer", what="trained tokenizer and index")
+  with insert_lock(wd):
+    indexed = IndexedImages.open(wd, c)
+    ds = indexed.dataset
     if not ds.held_out:
-      raise ValueError(f"{workdir}: data.indexed_fraction={c.data.get('indexed_fraction', 1.0)}, so no "
-                       "database record is held out; train with --config.data.indexed_fraction=0.5 "
-                       "(e.g. configs/fashion_mnist_fresh.py) to hold half of them out.")
-    if cat.held_out_inserted:
-      raise ValueError(f"{workdir}: the held-out records are already in the index.")
+      raise UserError(f"{workdir}: data.indexed_fraction={c.data.get('indexed_fraction', 1.0)}, so no "
+                      "database record is held out; train with --config.data.indexed_fraction=0.5 "
+                      "(e.g. configs/fashion_mnist_fresh.py) to hold half of them out.")
+    if indexed.held_out_inserted:
+      return _nothing(indexed, f"the {ds.held_out} held-out records are already in the index.")
     source = _Rows(ds.database, np.arange(ds.num_indexed, len(ds.database)))
-    return _insert(workdir, c, cat, source, {"source": "held_out"}, mesh)
+    return _insert(wd, c, indexed, source, {"source": "held_out"}, mesh)
 
 
 def evaluate(workdir: str) -> dict[str, Any]:
-  """Runs the evaluate stage of ``workdir`` again (over the index as it is now)."""
-  from irgen_jax import main as main_lib
-  c = catalog_lib.load_config(workdir)
-  c.stages = "evaluate"
-  done = main_lib.stage_done_path(workdir, "evaluate")
-  if os.path.exists(done):
-    os.replace(done, done + ".old")
-  main_lib.run(c, workdir)
-  with open(done) as f:
-    return json.load(f)
+  """Runs the evaluate stage of ``workdir`` again (over the index as it is now); its done marker."""
+  wd = Workdir(workdir)
+  c = wd.load_config()
+  stages.run(c, wd, ["evaluate"])
+  return files.read_json(wd.done_marker("evaluate"))
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
   if bool(_FOLDER.value) == bool(_HELD_OUT.value):
-    raise app.UsageError("Give exactly one of --folder=ROOT and --held_out.")
-  try:
-    if _FOLDER.value:
-      info = insert_folder(_WORKDIR.value, _FOLDER.value, skip_corrupt=_SKIP_CORRUPT.value)
-    else:
-      info = insert_held_out(_WORKDIR.value)
-  except (images_lib.UnreadableImageError, FileNotFoundError, ValueError, RuntimeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(f"Inserted {info['inserted']} images (ids {info['ids'][0]}..{info['ids'][1] - 1}); the index "
-        f"holds {info['num_images']}.")
+    raise UserError("give exactly one of --folder=ROOT and --held_out.")
+  if _FOLDER.value:
+    info = insert_folder(_WORKDIR.value, _FOLDER.value, skip_corrupt=_SKIP_CORRUPT.value)
+  else:
+    info = insert_held_out(_WORKDIR.value)
+  if info.get("nothing"):
+    print(f"Nothing to insert: {info['nothing']} The index holds {info['num_images']} images.")
+  else:
+    extra = f"; {info['duplicates']} already in the index were skipped" if info.get("duplicates") else ""
+    print(f"Inserted {info['inserted']} images (ids {info['ids'][0]}..{info['ids'][1] - 1}){extra}; "
+          f"the index holds {info['num_images']}.")
   if _EVALUATE.value:
     evaluate(_WORKDIR.value)
-    print(f"Report: {os.path.join(_WORKDIR.value, 'report', 'results.md')}")
-  else:
+    print(f"Report: {Workdir(_WORKDIR.value).path('report', 'results.md')}")
+  elif not info.get("nothing"):
     print("The evaluate stage is due again: pass --evaluate, or re-run the main job "
-          "(e.g. with --config.stages=evaluate).")
+          f"(python -m irgen_jax.main --workdir={_WORKDIR.value}).")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   _WORKDIR = flags.DEFINE_string("workdir", None, "A run's directory (its tokenizer stage finished).")
   _FOLDER = flags.DEFINE_string("folder", "", "Insert the images under this folder.")
   _HELD_OUT = flags.DEFINE_bool("held_out", False, "Insert the dataset's held-out database records.")
   _SKIP_CORRUPT = flags.DEFINE_bool("skip_corrupt", False, "Leave unreadable files out.")
   _EVALUATE = flags.DEFINE_bool("evaluate", False, "Run the evaluate stage afterwards.")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

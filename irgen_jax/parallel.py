@@ -80,11 +80,6 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "batch_siz
         f"({jax.process_count()}).")
 
 
-def local_batch_size(global_batch_size: int) -> int:
-  """The slice of the global batch this process loads."""
-  return global_batch_size // jax.process_count()
-
-
 def global_batch_from_local(batch: Any, mesh: Mesh) -> Any:
   """Turns this process's slice of a batch (a pytree of numpy arrays) into global sharded arrays.
 

@@ -6,13 +6,15 @@
 Each image file (any format PIL reads; gray, palette, CMYK or RGBA become RGB, transparency over white)
 goes through the run's eval transform (shorter side to ``data.resize_size``, center crop
 ``data.image_size``, CLIP normalization), the retriever's encoder, and the constrained beam search over
-the workdir's index (``WORKDIR/index.irgx``, inserted images included: ``irgen_jax.insert``). Printed per
-query: rank, database image id, label and class name (where known), and the score, the log-probability
-of the image's identifier (images sharing an identifier share a score). The HTML page
-(default ``WORKDIR/search/results.html``) shows the same with thumbnails.
+the workdir's index (``WORKDIR/index.irgx``, inserted images included: ``irgen_jax.insert``): the same
+program the evaluate stage runs (``decoding.program.SearchProgram``). Printed per query: rank, database
+image id, label and class name (where known), and the score, the log-probability of the image's
+identifier (images sharing an identifier share a score). The HTML page (default
+``WORKDIR/search/results.html``) shows the same with thumbnails.
 
 Every file is read before any model is loaded: an unreadable or missing file is an error naming it.
-``search_images`` is the whole command as a function.
+``search_images`` is the whole command as a function. Serving stands on its own: this module imports
+neither the trainers nor optax.
 """
 
 from __future__ import annotations
@@ -20,15 +22,20 @@ from __future__ import annotations
 import dataclasses
 import html
 import os
-import sys
 from typing import Any, Sequence
 
 import numpy as np
 
+from irgen_jax import cli, files, parallel
 from irgen_jax.data import images as images_lib
+from irgen_jax.data.records import ArraySource
+from irgen_jax.decoding.program import SearchProgram
+from irgen_jax.errors import UserError
+from irgen_jax.evaluators import gallery
+from irgen_jax.workdir import SEARCH_HTML, IndexedImages, Workdir
 
 
-class UnreadableQueryError(ValueError):
+class UnreadableQueryError(UserError):
   """One or more query image files cannot be read; ``paths`` lists them (the message names each)."""
 
   def __init__(self, errors: Sequence[images_lib.UnreadableImageError]):
@@ -75,17 +82,8 @@ def read_images(paths: Sequence[str]) -> list[np.ndarray]:
   return out
 
 
-def preprocess(pixels: Sequence[np.ndarray], *, image_size: int, resize_size: int) -> np.ndarray:
-  """The eval transform of the data pipeline: float32 [Q, S, S, 3], normalized."""
-  from irgen_jax.data import pipeline
-  batch = np.zeros((len(pixels), image_size, image_size, 3), np.uint8)
-  for i, img in enumerate(pixels):
-    pipeline.eval_resize(img, image_size, resize_size, batch[i])
-  return pipeline.Normalizer()(batch)
-
-
 def search_images(workdir: str, paths: Sequence[str], *, k: int = 10, html_path: str | None = "",
-                  beam_size: int | None = None) -> SearchOutput:
+                  beam_size: int | None = None, mesh=None) -> SearchOutput:
   """The ``irgen_jax.search`` command: top-``k`` database images of every image file in ``paths``.
 
   Args:
@@ -93,46 +91,41 @@ def search_images(workdir: str, paths: Sequence[str], *, k: int = 10, html_path:
     beam_size: beams of the constrained search (default: the run's ``search.beam_size``, raised to
       ``k`` so that k identifiers can be found).
   Raises:
-    UnreadableQueryError (before any compute), FileNotFoundError for a workdir without the needed
-    stages.
+    UnreadableQueryError (before any compute), MissingFileError for a workdir without the needed
+    stages, UserError for a bad ``k`` or ``beam_size``.
   """
   if k < 1:
-    raise ValueError(f"k={k}: expected >= 1.")
+    raise UserError(f"--k={k}: expected the number of database images per query, >= 1.")
+  if beam_size is not None and beam_size < 1:
+    raise UserError(f"--beam_size={beam_size}: expected >= 1 (or 0 for the run's own).")
   if not paths:
-    raise ValueError("No image files to search with.")
+    raise UserError("no image files to search with.")
   pixels = read_images(paths)
 
-  from irgen_jax import catalog
-  c = catalog.load_config(workdir)
-  params_dir = os.path.join(workdir, "retriever", "params")
-  if not os.path.isdir(params_dir):
-    raise FileNotFoundError(f"No trained retriever at {params_dir}: run the retriever stage first.")
-  cat = catalog.Catalog.open(workdir, c, require_data=False)
-
-  from irgen_jax import beam_search
-  from irgen_jax.models import retriever as retriever_model
-  from irgen_jax.trainers import retriever as retriever_trainer
-  model, params = retriever_trainer.load_params(c, workdir)
-  queries = preprocess(pixels, image_size=c.data.image_size, resize_size=c.data.resize_size)
+  wd = Workdir(workdir)
+  c = wd.load_config()
+  wd.require("retriever", what="trained retriever")
+  indexed = IndexedImages.open(wd, c, require_data=False)
+  model, params = wd.load_retriever(c)
   beams = int(beam_size or max(c.search.beam_size, k))
-  ids, scores = beam_search.search(retriever_model.make_decode_fns(model), params,
-                                   cat.index.device_arrays(), queries, beam_size=beams, top_k=int(k),
-                                   max_batch=int(c.search.query_batch_size))
+  program = SearchProgram(c, model, params, indexed.index, mesh=mesh or parallel.make_mesh(),
+                          beam_size=beams, top_k=int(k))
+  (ids, scores), _ = program.run(ArraySource(pixels, np.full(len(pixels), -1), name="queries"))
   results = []
   for path, row_ids, row_scores in zip(paths, ids, scores):
     hits = []
     for rank, (j, s) in enumerate(zip(row_ids.tolist(), row_scores.tolist()), start=1):
       if j < 0:
         break
-      d = cat.describe(j)
+      d = indexed.describe(j)
       hits.append(Hit(rank=rank, id=int(j), score=float(s), label=d["label"],
                       class_name=d["class_name"], source=d["source"]))
     results.append(QueryResult(path=os.fspath(path), hits=hits))
   out_path = None
   if html_path is not None:
-    out_path = html_path or os.path.join(workdir, "search", "results.html")
-    write_html(out_path, results, pixels, cat, title=f"Search — {c.data.name} ({workdir})")
-  return SearchOutput(results=results, html_path=out_path, num_database=cat.num_images)
+    out_path = html_path or wd.path(SEARCH_HTML)
+    write_html(out_path, results, pixels, indexed, title=f"Search — {c.data.name} ({workdir})")
+  return SearchOutput(results=results, html_path=out_path, num_database=indexed.num_images)
 
 
 def format_text(results: Sequence[QueryResult]) -> str:
@@ -153,7 +146,6 @@ def format_text(results: Sequence[QueryResult]) -> str:
 def write_html(path: str, results: Sequence[QueryResult], pixels: Sequence[np.ndarray], cat: Any,
                *, title: str) -> None:
   """A self-contained page: per query its image and its hits (thumbnails with id, class and score)."""
-  from irgen_jax.evaluators import gallery
   esc = html.escape
   cache: dict[int, tuple[str, int, int, bool] | None] = {}
 
@@ -165,7 +157,7 @@ def write_html(path: str, results: Sequence[QueryResult], pixels: Sequence[np.nd
 
   parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{esc(title)}</title>",
-           f"<style>{gallery._CSS}"  # pylint: disable=protected-access
+           f"<style>{gallery.CSS}"
            " figure { margin: 0; display: inline-block; text-align: center; font-size: 11px; }"
            " figure figcaption { max-width: 120px; overflow-wrap: anywhere; }</style></head><body>",
            f"<h1>{esc(title)}</h1>",
@@ -175,15 +167,15 @@ def write_html(path: str, results: Sequence[QueryResult], pixels: Sequence[np.nd
     parts.append('<section class="query">')
     parts.append(f"<h2>{esc(r.path)}</h2>")
     parts.append('<div class="row"><div class="name">query</div>'
-                 + gallery._img_tag(gallery.encode_thumbnail(img), "query-img",  # pylint: disable=protected-access
-                                    os.path.basename(r.path), r.path) + "</div>")
+                 + gallery.img_tag(gallery.encode_thumbnail(img), "query-img",
+                                   os.path.basename(r.path), r.path) + "</div>")
     cells = []
     for h in r.hits:
       name = h.class_name or "?"
       caption = f"#{h.rank} · id {h.id}<br>{esc(name)}<br>{h.score:.3f}"
       encoded = thumb(h.id)
       tip = f"rank {h.rank}, id {h.id}, label {h.label}, {name}, score {h.score:.4f}, {h.source}"
-      tag = (gallery._img_tag(encoded, "", f"rank {h.rank}", tip)  # pylint: disable=protected-access
+      tag = (gallery.img_tag(encoded, "", f"rank {h.rank}", tip)
              if encoded else f'<span class="empty" title="{esc(tip)}"></span>')
       cells.append(f"<figure>{tag}<figcaption>{caption}</figcaption></figure>")
     if not cells:
@@ -191,35 +183,24 @@ def write_html(path: str, results: Sequence[QueryResult], pixels: Sequence[np.nd
     parts.append('<div class="row"><div class="name">results</div>' + "".join(cells) + "</div>")
     parts.append("</section>")
   parts.append("</body></html>")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("\n".join(parts))
-  os.replace(tmp, path)
+  files.write_text(path, "\n".join(parts))
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app
   paths = list(argv[1:])
   if not paths:
-    raise app.UsageError("Give one or more image files: python -m irgen_jax.search --workdir=DIR "
-                         "IMAGE...")
-  try:
-    out = search_images(_WORKDIR.value, paths, k=_K.value,
-                        html_path=_HTML.value, beam_size=_BEAM.value or None)
-  except (UnreadableQueryError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise UserError("give one or more image files: python -m irgen_jax.search --workdir=DIR IMAGE...")
+  out = search_images(_WORKDIR.value, paths, k=_K.value, html_path=_HTML.value,
+                      beam_size=_BEAM.value or None)
   print(out.text())
   print(f"\nSearched {out.num_database} database images; HTML: {out.html_path}")
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's directory.")
   _K = flags.DEFINE_integer("k", 10, "Database images per query.")
   _HTML = flags.DEFINE_string("html", "", "The HTML page to write (default WORKDIR/search/results.html).")
   _BEAM = flags.DEFINE_integer("beam_size", 0, "Beams (default: the run's search.beam_size, at least k).")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  cli.run(main)

@@ -1,5 +1,7 @@
 """Test-wide settings: CPU only, and no network (a download would stall for minutes, then fail)."""
 
+import contextlib
+import fcntl
 import os
 import socket
 
@@ -27,19 +29,40 @@ def _no_network():
   socket.socket.connect = _real_connect
 
 
+@contextlib.contextmanager
+def _locked(path):
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_tmp(tmp_path_factory, name):
+  """A directory every pytest-xdist worker of this session sees (the session's own without xdist)."""
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+  root.mkdir(parents=True, exist_ok=True)
+  return root
+
+
 @pytest.fixture(scope="session")
 def fashion_runlocal_workdir(tmp_path_factory):
   """One finished runlocal job on the embedded Fashion-MNIST (all four stages), shared by the tests
-  that need a trained workdir (main job, search, fresh-data insertion). Runs once per session in a
-  subprocess, as a user would run it; returns (workdir, data_dir)."""
+  that need a trained workdir (main job, search, fresh-data insertion, kills). Runs once per test
+  session (once for all xdist workers: the first builds it, the others wait) in a subprocess, as a
+  user would run it; returns (workdir, data_dir). Tests copy it before changing anything."""
   import subprocess
   import sys
-  root = tmp_path_factory.mktemp("fashion_runlocal")
+  root = shared_tmp(tmp_path_factory, "fashion_runlocal")
   workdir, data_dir = root / "workdir", root / "tfds"
-  cmd = [sys.executable, "-m", "irgen_jax.main", "--config=configs/fashion_mnist.py:runlocal",
-         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
-  proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        capture_output=True, text=True, timeout=1200)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  with _locked(root / ".lock"):
+    if not (workdir / "evaluate" / "done.json").exists():
+      cmd = [sys.executable, "-m", "irgen_jax.main", "--config=configs/fashion_mnist.py:runlocal",
+             f"--workdir={workdir}", f"--config.data.data_dir={data_dir}"]
+      proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            capture_output=True, text=True, timeout=1200)
+      if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return workdir, data_dir

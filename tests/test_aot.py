@@ -23,8 +23,11 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from irgen_jax import aot, config_lib, parallel, search_program
-from irgen_jax.index import Index
+from irgen_jax import aot, config_lib, parallel
+from irgen_jax.data import registry
+from irgen_jax.decoding import index as index_lib
+from irgen_jax.decoding import program
+from irgen_jax.decoding.index import Index
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPOLOGY = "v5e:2x2"   # 4 chips on one host: the smallest multi-chip v5e slice
@@ -357,27 +360,27 @@ def test_search_index_shapes_are_those_of_a_worst_case_dense_index():
   n, m, l = 16, 3, 4
   codes = [[i // 4, i % 4, 0] for i in range(n)]
   real = Index.build(codes, l, layout="dense").device_arrays()
-  abstract = search_program.index_shapes(n, m, l, sharding=None)
+  abstract = index_lib.abstract_arrays(n, m, l, sharding=None)
   assert (abstract.num_tokens, abstract.max_fanout) == (real.num_tokens, real.max_fanout)
   shapes = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)  # noqa: E731
   assert shapes(abstract) == shapes(real)
   # Paper scale: the index of ImageNet's 1.28M images stays small beside the model.
-  big = search_program.index_shapes(1_281_167, 4, 256, sharding=None)
+  big = index_lib.abstract_arrays(1_281_167, 4, 256, sharding=None)
   assert sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(big)) < 100 * 2**20
 
 
 def test_search_program_database_size_and_lowering_on_cpu():
   config = load_config(RUNLOCAL)
-  assert search_program.database_size(config) == 512  # data.max_database caps the 60,000
+  assert registry.database_size(config.data) == 512  # data.max_database caps the 60,000
   config.data.max_database = 0
-  assert search_program.database_size(config) == 60000
+  assert registry.database_size(config.data) == 60000
   config.data.name = "no_such_dataset"
   with pytest.raises(ValueError, match="database size is not known"):
-    search_program.database_size(config)
+    registry.database_size(config.data)
   # The program traces as a run would (shapes only, on a 1-device CPU mesh; no TPU compiler).
   config = load_config(RUNLOCAL)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  (name, (fn, args)), = search_program.aot_program(config, mesh).items()
+  (name, (fn, args)), = program.aot_program(config, mesh).items()
   assert name == "beam_search"
   q, s = config.search.query_batch_size, config.data.image_size
   assert args[2].shape == (q, s, s, 3)

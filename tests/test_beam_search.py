@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from irgen_jax import beam_search as bs
-from irgen_jax.index import Index
+from irgen_jax.decoding import beam_search as bs
+from irgen_jax.decoding.index import Index, IndexArrays
 
 V = 4093  # hash buckets of the toy tables
 
@@ -65,7 +65,7 @@ def make_toy_decode_fns(num_levels, counter=None):
               + 0.1 * acc[..., None] * params["w"])
     return logits, {"h": h, "hist": hist, "acc": acc}
 
-  return bs.DecodeFunctions(init, init_cache, step)
+  return bs.DecodeFns(init, init_cache, step)
 
 
 def numpy_logprob(params, query, identifier):
@@ -129,7 +129,7 @@ def reference(name):
   return (codes, l, params, *brute_force(params, QUERIES, Index.build(codes, l), TOP_K))
 
 
-def padded_arrays(index: Index) -> bs.IndexArrays:
+def padded_arrays(index: Index) -> IndexArrays:
   """Device tables padded to ROWS rows and sparse fan-out FANOUT (Index.device_arrays pads to its buckets)."""
   def pad(a, fill=0, extra=0):
     if a is None:
@@ -137,7 +137,7 @@ def padded_arrays(index: Index) -> bs.IndexArrays:
     assert a.shape[0] <= ROWS + extra
     return jnp.asarray(np.concatenate([a, np.full((ROWS + extra - a.shape[0], *a.shape[1:]), fill, a.dtype)]))
   assert max(index.max_fanout(d) for d in range(index.num_levels)) <= FANOUT
-  return bs.IndexArrays(first_child=tuple(pad(f, f[-1], extra=1) for f in index.first_child),
+  return IndexArrays(first_child=tuple(pad(f, f[-1], extra=1) for f in index.first_child),
                         child_token=tuple(pad(t) for t in index.child_token),
                         masks=tuple(pad(m) for m in index.masks),
                         word_rank=tuple(pad(r) for r in index.word_rank),
@@ -146,7 +146,7 @@ def padded_arrays(index: Index) -> bs.IndexArrays:
                         max_fanout=tuple(0 if m is not None else FANOUT for m in index.masks))
 
 
-def device_tables(index: Index) -> bs.IndexArrays:
+def device_tables(index: Index) -> IndexArrays:
   if index.num_levels == 3 and index.num_tokens == 40 and index.layout != "auto":
     return padded_arrays(index)
   return index.device_arrays()
@@ -341,6 +341,7 @@ def test_errors_name_the_bad_value(toy):
 def test_real_decoder_beam_equals_exhaustive_scorer():
   """With the real (tiny, random) retriever: B >= U gives the exhaustive scorer's top-K exactly, and the
   beams' scores are the model's own teacher-forced log-probabilities (an independent code path)."""
+  from irgen_jax.decoding import program
   from irgen_jax.models import retriever
   m, l = 3, 16
   model = retriever.Model(dict(width=16, depth=1, num_heads=2, patch_size=4, image_size=8),
@@ -350,7 +351,7 @@ def test_real_decoder_beam_equals_exhaustive_scorer():
   params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
                         retriever.param_shapes(model))
   images = jnp.asarray(rng.standard_normal((3, 8, 8, 3)), jnp.float32)
-  fns = retriever.make_decode_fns(model)
+  fns = program.retriever_decode_fns(model)
   codes = np.concatenate([rng.integers(0, l, (40, m)), np.tile(rng.integers(0, l, (1, m)), (6, 1))])
   index = Index.build(codes, l)  # 41 identifiers or fewer, one of them on 6 images
   arrays, idents = index.device_arrays(), jnp.asarray(index.identifiers())

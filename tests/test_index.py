@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from irgen_jax import index as index_lib
-from irgen_jax.index import Index, IndexFormatError
+from irgen_jax.decoding import index as index_lib
+from irgen_jax.decoding.index import Index, IndexFormatError
 
 
 def dict_trie(codes):

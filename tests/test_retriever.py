@@ -1,4 +1,4 @@
-"""The retriever (real tiny ViT + decoder): cached decoding through ``make_decode_fns`` against teacher
+"""The retriever (real tiny ViT + decoder): cached decoding through ``retriever_decode_fns`` against teacher
 forcing, cache reordering, recompilation, the decode-function layout, dtypes, sizes, and a toy training run.
 """
 
@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from irgen_jax.decoding import program
 from irgen_jax.models import retriever as R
 from irgen_jax.models import vit
 
@@ -27,7 +28,7 @@ def tiny_model(dtype=jnp.float32) -> R.Retriever:
 
 
 MODEL = tiny_model()
-FNS = R.make_decode_fns(MODEL)
+FNS = program.retriever_decode_fns(MODEL)
 
 
 def images(n, seed=0):
@@ -94,7 +95,8 @@ def test_cached_steps_equal_teacher_forcing(params):
   # The beams really differ (a cache shared by mistake across beams would not be caught otherwise).
   assert np.abs(want[:, 0, 1:] - want[:, 1, 1:]).max() > 1e-2
   # The encoder-output entry point gives the same context.
-  same = jax.jit(FNS.init_from_tokens)(params, encode(MODEL, params, imgs))
+  from_tokens = program.retriever_decode_fns(MODEL, from_tokens=True)
+  same = jax.jit(from_tokens.init)(params, encode(MODEL, params, imgs))
   for a, b in zip(jax.tree.leaves(context), jax.tree.leaves(same)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
@@ -124,7 +126,7 @@ def test_reordered_cache_equals_decoding_reordered_histories(params):
 
 def test_stepping_does_not_recompile(params):
   for round_ in range(3):
-    fns = R.make_decode_fns(MODEL)  # a new but equal object: must hit the same compiled programs
+    fns = program.retriever_decode_fns(MODEL)  # a new but equal object: must hit the same programs
     p = jax.tree.map(lambda x: x * (1 + 0.01 * round_), params)
     context = init(p, images(Q, seed=round_))
     cache = fns.init_cache(Q, B)
@@ -176,8 +178,9 @@ def test_decode_function_layout(params):
   for bad in ((Q, B, 5), (Q * B, 5)):
     assert not [s for s in shapes if s[:len(bad)] == bad], f"context broadcast to beams: {bad}"
   # The decode functions are hashable and equal across calls (a static argument of beam_search).
-  assert R.make_decode_fns(MODEL) == FNS and hash(R.make_decode_fns(MODEL)) == hash(FNS)
-  assert R.make_decode_fns(tiny_model(jnp.bfloat16)) != FNS
+  again = program.retriever_decode_fns(MODEL)
+  assert again == FNS and hash(again) == hash(FNS)
+  assert program.retriever_decode_fns(tiny_model(jnp.bfloat16)) != FNS
 
 
 def test_decode_prefix_matches_teacher_forcing(params):
@@ -191,7 +194,7 @@ def test_decode_prefix_matches_teacher_forcing(params):
 
 def test_bfloat16_compute_float32_params_and_logits():
   model = tiny_model(jnp.bfloat16)
-  fns = R.make_decode_fns(model)
+  fns = program.retriever_decode_fns(model)
   p = jax.eval_shape(model.init, jax.random.key(0), images(1), jnp.zeros((1, M), jnp.int32))["params"]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
   assert p["decoder"]["block_0"]["cross_attn"]["kv"]["kernel"].shape == (32, 2, 4, 12)

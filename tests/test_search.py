@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from irgen_jax import catalog, search
-from irgen_jax.data import fashion_mnist, pipeline
+from irgen_jax import search
+from irgen_jax.data import fashion_mnist, pipeline, records
+from irgen_jax.workdir import IndexedImages, Workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +23,7 @@ def workdir_and_images(fashion_runlocal_workdir, tmp_path_factory):
   """The shared runlocal workdir (read only here) and query files: database images 0..2 as PNG, one as
   RGBA with a transparent border and one as a gray JPEG (conversions to RGB)."""
   workdir, _ = fashion_runlocal_workdir
-  cat = catalog.Catalog.open(str(workdir))
+  cat = IndexedImages.open(str(workdir))
   out = tmp_path_factory.mktemp("queries")
   paths = []
   for j in range(3):
@@ -61,15 +62,17 @@ def test_search_returns_sorted_top_k_and_writes_html(workdir_and_images, tmp_pat
 
 
 def test_search_uses_the_eval_transform(workdir_and_images):
-  """An exported database image becomes exactly the tensor the evaluation feeds the model."""
+  """An exported database image becomes exactly the tensor the evaluation feeds the model: the search
+  reads files into an in-memory source and runs the evaluation's own input pipeline over it."""
   workdir, cat, paths = workdir_and_images
-  c = catalog.load_config(workdir)
+  c = Workdir(workdir).load_config()
   pixels = search.read_images(paths[:1])
   assert pixels[0].shape == (28, 28, 3) and pixels[0].dtype == np.uint8
-  mine = search.preprocess(pixels, image_size=c.data.image_size, resize_size=c.data.resize_size)
-  batch = pipeline.eval_dataset(cat.dataset.database, global_batch_size=1, image_size=c.data.image_size,
-                                resize_size=c.data.resize_size, process_index=0, process_count=1)[0]
-  np.testing.assert_array_equal(mine[0], batch["image"][0])
+  kw = dict(global_batch_size=1, image_size=c.data.image_size, resize_size=c.data.resize_size,
+            process_index=0, process_count=1)
+  mine = pipeline.eval_dataset(records.ArraySource(pixels, [-1]), **kw)[0]
+  batch = pipeline.eval_dataset(cat.dataset.database, **kw)[0]
+  np.testing.assert_array_equal(mine["image"][0], batch["image"][0])
 
 
 def test_unreadable_files_are_named_before_any_compute(workdir_and_images, tmp_path, monkeypatch):
@@ -77,11 +80,9 @@ def test_unreadable_files_are_named_before_any_compute(workdir_and_images, tmp_p
   bad = tmp_path / "broken.jpg"
   bad.write_bytes(b"\xff\xd8 not really a jpeg")
   missing = str(tmp_path / "nowhere.png")
-  from irgen_jax.trainers import retriever as retriever_trainer
-
   def no_model(*a, **k):
     raise AssertionError("the model was loaded before the inputs were checked")
-  monkeypatch.setattr(retriever_trainer, "load_params", no_model)
+  monkeypatch.setattr(Workdir, "load_retriever", no_model)
   with pytest.raises(search.UnreadableQueryError) as e:
     search.search_images(workdir, [paths[0], str(bad), missing])
   assert e.value.paths == [str(bad), missing]

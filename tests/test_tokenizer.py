@@ -12,7 +12,8 @@ import optax
 import pytest
 
 from irgen_jax.models import rq
-from irgen_jax.models.tokenizer import SemanticTokenizer, tokenizer_loss
+from irgen_jax.models.tokenizer import SemanticTokenizer
+from irgen_jax.trainers.losses import tokenizer_loss
 
 B, H, C, M, L, W = 6, 8, 5, 3, 4, 16  # batch, image side, classes, levels, codebook size, width
 

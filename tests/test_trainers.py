@@ -195,27 +195,49 @@ BAD_CONFIGS = [
 ]
 
 
+def _validate(c, workdir=None, **kw):
+  """The checks before any compute: the config's own, then (with a workdir) the stages' inputs."""
+  from irgen_jax import stages
+  from irgen_jax.data import registry
+  from irgen_jax.workdir import Workdir
+  config_lib.validate(c, **dict(dict(num_devices=1, dataset_names=registry.names()), **kw))
+  if workdir is not None:
+    stages.check_inputs(c, Workdir(workdir), config_lib.stages(c))
+
+
 @pytest.mark.parametrize("mutate,overrides,message", [b[1:] for b in BAD_CONFIGS],
                          ids=[b[0] for b in BAD_CONFIGS])
 def test_validate_names_the_bad_field(tmp_path, mutate, overrides, message):
-  from irgen_jax.data import registry
   c = load_config()
-  config_lib.validate(c, num_devices=1, dataset_names=registry.names(), workdir=str(tmp_path))
+  _validate(c, workdir=str(tmp_path))
   mutate(c)
-  kw = dict(dict(num_devices=1, num_processes=1, dataset_names=registry.names()), **overrides)
-  kw["workdir"] = str(tmp_path / "workdir") if kw.get("workdir") else None
+  kw = dict(dict(num_processes=1), **overrides)
+  workdir = str(tmp_path / "workdir") if kw.pop("workdir", False) else None
   with pytest.raises(ValueError) as e:
-    config_lib.validate(c, **kw)
+    _validate(c, workdir=workdir, **kw)
   assert message in str(e.value), str(e.value)
 
 
 def test_retriever_from_an_existing_tokenizer_passes(tmp_path):
+  """Finished stages count by their done markers, whose outputs must be what the stage wrote."""
+  from irgen_jax.workdir import Workdir
   c = load_config()
   _retriever_only(c)
+  wd = Workdir(tmp_path)
   for f in ("tokenizer/params", "retriever/params"):
     os.makedirs(tmp_path / f)
-  (tmp_path / "tokenizer" / "identifiers.npz").write_bytes(b"")
-  config_lib.validate(c, num_devices=1, workdir=str(tmp_path))
+    (tmp_path / f / "weights").write_bytes(b"w")
+  for f in ("tokenizer/identifiers.npz", "tokenizer/database_features.npy", "tokenizer/stats.json"):
+    (tmp_path / f).write_bytes(b"")
+  from irgen_jax.decoding.index import Index
+  Index.build([[0, 1, 2, 3]], 16).save(wd.path("index.irgx"))
+  with pytest.raises(ValueError, match="retriever.encoder_init"):
+    _validate(c, workdir=str(tmp_path))  # outputs without a done marker: not a finished stage
+  wd.mark_done("tokenizer", {})
+  _validate(c, workdir=str(tmp_path))
+  (tmp_path / "tokenizer" / "params" / "weights").write_bytes(b"changed")
+  with pytest.raises(ValueError, match="is not what the stage wrote"):
+    _validate(c, workdir=str(tmp_path))
 
 
 MAIN_RUN_CASES = ["unknown_dataset", "M_too_long", "tokenizer_clip_missing", "unknown_stage",
@@ -225,11 +247,11 @@ MAIN_RUN_CASES = ["unknown_dataset", "M_too_long", "tokenizer_clip_missing", "un
 @pytest.mark.parametrize("case", MAIN_RUN_CASES)
 def test_main_run_stops_before_any_stage(tmp_path, monkeypatch, case):
   """Through the entry point: the error comes before any stage starts or the workdir is created."""
-  from irgen_jax import main
+  from irgen_jax import main, stages
   _, mutate, _, message = next(b for b in BAD_CONFIGS if b[0] == case)
   started = []
-  for stage in list(main._STAGES):
-    monkeypatch.setitem(main._STAGES, stage, lambda *a, stage=stage: started.append(stage))
+  for stage in list(stages._STAGES):
+    monkeypatch.setitem(stages._STAGES, stage, lambda *a, stage=stage: started.append(stage))
   c = load_config()
   mutate(c)
   workdir = tmp_path / "workdir"

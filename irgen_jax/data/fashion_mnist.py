@@ -17,6 +17,9 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from irgen_jax import failpoints
+from irgen_jax.errors import MissingFileError, UserError
+
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "apt-get install -y dataset-fashion-mnist"
 FILES = {
@@ -34,7 +37,7 @@ def check_source_dir(source_dir: str) -> None:
     for name in names:
       path = os.path.join(source_dir, name)
       if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST file {path} not found. Install the Debian package "
             f"(`{INSTALL_HINT}`), or pass a manual_dir holding the four files "
             f"{', '.join(n for pair in FILES.values() for n in pair)}.")
@@ -46,16 +49,16 @@ def read_idx(path: str, magic: int) -> np.ndarray:
   with opener(path, "rb") as f:
     data = f.read()
   if len(data) < 8:
-    raise ValueError(f"{path} is too short to be an IDX file.")
+    raise UserError(f"{path} is too short to be an IDX file.")
   found = int.from_bytes(data[:4], "big")
   if found != magic:
-    raise ValueError(f"{path}: IDX magic {found}, expected {magic} "
+    raise UserError(f"{path}: IDX magic {found}, expected {magic} "
                      f"({'images' if magic == _IMAGES_MAGIC else 'labels'}).")
   ndim = data[3]
   dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
   body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
   if body.size != int(np.prod(dims)):
-    raise ValueError(f"{path}: header says {dims} but holds {body.size} bytes.")
+    raise UserError(f"{path}: header says {dims} but holds {body.size} bytes.")
   return body.reshape(dims)
 
 
@@ -65,7 +68,7 @@ def read_split(source_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   imgs = read_idx(os.path.join(source_dir, image_file), _IMAGES_MAGIC)
   labels = read_idx(os.path.join(source_dir, label_file), _LABELS_MAGIC).astype(np.int64)
   if len(imgs) != len(labels):
-    raise ValueError(f"{source_dir}: {len(imgs)} {split} images but {len(labels)} labels.")
+    raise UserError(f"{source_dir}: {len(imgs)} {split} images but {len(labels)} labels.")
   return imgs[..., None], labels
 
 
@@ -103,4 +106,5 @@ class IrgenFashionMnist(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split):
     imgs, labels = read_split(self._source_dir, split)
     for i in range(len(labels)):
+      failpoints.hit("data.example")  # a kill in the middle of a build
       yield i, {"image": imgs[i], "label": int(labels[i])}

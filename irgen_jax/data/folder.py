@@ -33,7 +33,9 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
+from irgen_jax import failpoints
 from irgen_jax.data import images
+from irgen_jax.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +57,20 @@ def scan(root: str) -> FolderListing:
   """Lists ROOT (no image is opened); raises on a missing layout, stray files or an empty split."""
   root = os.path.abspath(os.path.expanduser(root))
   if not root or not os.path.isdir(root):
-    raise FileNotFoundError(f"Folder dataset root {root} does not exist. Expected "
+    raise MissingFileError(f"Folder dataset root {root} does not exist. Expected "
                             "ROOT/database/<class>/<image> and ROOT/query/<class>/<image>; pass ROOT "
                             "as manual_dir.")
   class_dirs = {}
   for split in SPLITS:
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
-      raise FileNotFoundError(f"Folder dataset: {split_dir} is missing. Expected ROOT/database/<class>/"
+      raise MissingFileError(f"Folder dataset: {split_dir} is missing. Expected ROOT/database/<class>/"
                               "<image> and ROOT/query/<class>/<image>.")
     entries = sorted(e for e in os.listdir(split_dir) if not e.startswith("."))
     stray = [e for e in entries
              if not os.path.isdir(os.path.join(split_dir, e)) and images.is_image_file(e)]
     if stray:
-      raise ValueError(f"Folder dataset: image {os.path.join(split_dir, stray[0])} is not inside a "
+      raise UserError(f"Folder dataset: image {os.path.join(split_dir, stray[0])} is not inside a "
                        f"class folder ({split}/<class>/<image>).")
     class_dirs[split] = [e for e in entries if os.path.isdir(os.path.join(split_dir, e))]
   class_names = sorted(set(class_dirs["database"]) | set(class_dirs["query"]))
@@ -96,7 +98,7 @@ def scan(root: str) -> FolderListing:
         empty[split].append(cls)
       files[split].extend(found)
     if not files[split]:
-      raise ValueError(f"Folder dataset: {os.path.join(root, split)} has no image files "
+      raise UserError(f"Folder dataset: {os.path.join(root, split)} has no image files "
                        f"(extensions {sorted(images.IMAGE_EXTENSIONS)}).")
   return FolderListing(root=root, class_names=class_names, files=files, empty_classes=empty,
                        ignored=ignored, fingerprint=digest.hexdigest())
@@ -154,10 +156,11 @@ class IrgenFolder(tfds.core.GeneratorBasedBuilder):
       data = images.encode_or_skip(path, self._skip_corrupt, skipped)
       if data is None:
         continue
+      failpoints.hit("data.example")  # a kill in the middle of a build
       yield key, {"image": data, "label": label}
     if skipped:
       log.warning("Folder dataset %s: skipped %d unreadable image(s) in %s: %s", self.listing.root,
                   len(skipped), split, ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     if len(skipped) == len(self.listing.files[split]):
-      raise ValueError(f"Folder dataset: every image of {self.listing.root}/{split} is unreadable.")
+      raise UserError(f"Folder dataset: every image of {self.listing.root}/{split} is unreadable.")
     self.info.metadata["skipped"][split] = skipped

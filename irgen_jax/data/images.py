@@ -19,6 +19,8 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from irgen_jax.errors import UserError
+
 # File name endings a folder dataset reads (lower case); every other file is ignored (and counted).
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
@@ -28,7 +30,11 @@ IMAGE_EXTENSIONS = frozenset(
 _KEEP_AS_IS = frozenset({"JPEG", "PNG", "WEBP"})
 
 
-class UnreadableImageError(ValueError):
+# How a builder's caller leaves unreadable files out (the main job's spelling; insert has its own flag).
+SKIP_CORRUPT_OPTION = "--config.data.skip_corrupt=True"
+
+
+class UnreadableImageError(UserError):
   """An image file that is missing, truncated or not an image PIL can decode; names the file."""
 
   def __init__(self, path: str, reason: str):
@@ -37,15 +43,16 @@ class UnreadableImageError(ValueError):
     self.reason = reason
 
 
-def encode_or_skip(path: str, skip_corrupt: bool, skipped: list[str]) -> bytes | None:
+def encode_or_skip(path: str, skip_corrupt: bool, skipped: list[str], *,
+                   option: str = SKIP_CORRUPT_OPTION) -> bytes | None:
   """``encode_file(path)``; an unreadable file is appended to ``skipped`` (→ None) when
-  ``skip_corrupt``, else an error naming the file and the option."""
+  ``skip_corrupt``, else an error naming the file and ``option``, the flag that leaves it out."""
   try:
     return encode_file(path)
   except UnreadableImageError as e:
     if not skip_corrupt:
       raise UnreadableImageError(
-          path, f"{e.reason} (pass skip_corrupt=True to leave unreadable files out)") from e
+          path, f"{e.reason} (pass {option} to leave unreadable files out)") from e
     skipped.append(path)
     return None
 

@@ -23,7 +23,9 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from irgen_jax import failpoints
 from irgen_jax.data import images
+from irgen_jax.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +41,16 @@ DOWNLOAD_HINT = (
 def find_layout(manual_dir: str) -> tuple[str, str]:
   """``(partition file, image base dir)`` in ``manual_dir``; an error naming what is missing."""
   if not manual_dir:
-    raise FileNotFoundError(f"In-shop needs manual_dir (the downloaded folder). {DOWNLOAD_HINT}")
+    raise MissingFileError(f"In-shop needs manual_dir (the downloaded folder). {DOWNLOAD_HINT}")
   tried = [os.path.join(manual_dir, sub, PARTITION_FILE) for sub in ("", "Eval", "Anno")]
   partition = next((p for p in tried if os.path.isfile(p)), None)
   if partition is None:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"In-shop partition file not found; tried {', '.join(tried)}. {DOWNLOAD_HINT}")
   bases = [manual_dir, os.path.join(manual_dir, "Img")]
   base = next((b for b in bases if os.path.isdir(os.path.join(b, "img"))), None)
   if base is None:
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"In-shop images not found: no img/ folder under {' or '.join(bases)}. {DOWNLOAD_HINT}")
   return partition, base
 
@@ -58,14 +60,14 @@ def parse_partition(path: str) -> list[tuple[str, str, str]]:
   with open(path, encoding="utf-8") as f:
     lines = [line.rstrip("\r\n") for line in f]
   if len(lines) < 2:
-    raise ValueError(f"{path}: expected a count line and a header line, found {len(lines)} lines.")
+    raise UserError(f"{path}: expected a count line and a header line, found {len(lines)} lines.")
   try:
     count = int(lines[0].strip())
   except ValueError:
-    raise ValueError(f"{path}:1: expected the number of images, found {lines[0]!r}.") from None
+    raise UserError(f"{path}:1: expected the number of images, found {lines[0]!r}.") from None
   header = lines[1].split()
   if header != ["image_name", "item_id", "evaluation_status"]:
-    raise ValueError(f"{path}:2: expected header 'image_name item_id evaluation_status', "
+    raise UserError(f"{path}:2: expected header 'image_name item_id evaluation_status', "
                      f"found {lines[1]!r}.")
   entries = []
   for lineno, line in enumerate(lines[2:], start=3):
@@ -73,12 +75,12 @@ def parse_partition(path: str) -> list[tuple[str, str, str]]:
       continue
     fields = line.split()
     if len(fields) != 3:
-      raise ValueError(f"{path}:{lineno}: expected 3 fields, found {len(fields)}: {line!r}.")
+      raise UserError(f"{path}:{lineno}: expected 3 fields, found {len(fields)}: {line!r}.")
     if fields[2] not in SPLITS:
-      raise ValueError(f"{path}:{lineno}: status {fields[2]!r} is not one of {SPLITS}.")
+      raise UserError(f"{path}:{lineno}: status {fields[2]!r} is not one of {SPLITS}.")
     entries.append((fields[0], fields[1], fields[2]))
   if len(entries) != count:
-    raise ValueError(f"{path}: the count line says {count} images, the file lists {len(entries)}.")
+    raise UserError(f"{path}: the count line says {count} images, the file lists {len(entries)}.")
   return entries
 
 
@@ -126,7 +128,7 @@ class IrgenInshop(tfds.core.GeneratorBasedBuilder):
     for split in SPLITS:
       rows = [(os.path.join(base, name), label_of[item]) for name, item, s in entries if s == split]
       if not rows:
-        raise ValueError(f"{partition}: no image has status {split!r}.")
+        raise UserError(f"{partition}: no image has status {split!r}.")
       gens[split] = self._generate_examples(split, rows)
     return gens
 
@@ -136,10 +138,11 @@ class IrgenInshop(tfds.core.GeneratorBasedBuilder):
       data = images.encode_or_skip(path, self._skip_corrupt, skipped)
       if data is None:
         continue
+      failpoints.hit("data.example")  # a kill in the middle of a build
       yield key, {"image": data, "label": label}
     if skipped:
       log.warning("In-shop %s: skipped %d unreadable image(s): %s", split, len(skipped),
                   ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
     if len(skipped) == len(rows):
-      raise ValueError(f"In-shop: every image of the {split} split is unreadable.")
+      raise UserError(f"In-shop: every image of the {split} split is unreadable.")
     self.info.metadata["skipped"][split] = skipped

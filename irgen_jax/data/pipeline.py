@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np
 from PIL import Image
 
 from irgen_jax.data import randomness
+from irgen_jax.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -55,7 +56,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     raise ValueError(f"global_batch_size={global_batch_size} must be positive.")
   steps = num_examples // global_batch_size
   if steps == 0:
-    raise ValueError(f"{num_examples} training records make no full batch of {global_batch_size}; "
+    raise UserError(f"{num_examples} training records make no full batch of {global_batch_size}; "
                      "lower the batch size or use more data.")
   return steps
 
@@ -338,10 +339,3 @@ def train_iterator(source, *, num_threads: int = 1, prefetch_batches: int = 4, n
   """``make_iterator(train_dataset(source, **kwargs))``."""
   return make_iterator(train_dataset(source, **kwargs), num_threads=num_threads,
                        prefetch_batches=prefetch_batches, num_workers=num_workers)
-
-
-def global_batches(batches, mesh) -> Iterator[Any]:
-  """Places each local batch on ``mesh`` as global arrays (``parallel.global_batch_from_local``)."""
-  from irgen_jax import parallel  # pylint: disable=g-import-not-at-top
-  for batch in batches:
-    yield parallel.global_batch_from_local(batch, mesh)

@@ -202,15 +202,23 @@ class RecordSource:
 
 
 class ArraySource:
-  """In-memory records from arrays: ``images`` uint8 [N, H, W, C], ``labels`` int [N].
+  """In-memory records: ``images`` uint8 [N, H, W, C] (or a list of uint8 [H, W, C] images of any
+  sizes, e.g. a user's query files), ``labels`` int [N].
 
   The same protocol and record as ``RecordSource``; for tests, benchmarks and users with arrays.
   """
 
-  def __init__(self, images_: np.ndarray, labels: np.ndarray, name: str = ""):
-    images_ = np.asarray(images_)
-    if images_.dtype != np.uint8 or images_.ndim != 4:
-      raise ValueError(f"images must be uint8 [N, H, W, C]; got {images_.dtype} {images_.shape}.")
+  def __init__(self, images_: Any, labels: Any, name: str = ""):
+    if isinstance(images_, (list, tuple)):
+      bad = [i for i, im in enumerate(images_)
+             if not isinstance(im, np.ndarray) or im.dtype != np.uint8 or im.ndim != 3]
+      if bad:
+        raise ValueError(f"images[{bad[0]}] must be a uint8 [H, W, C] array.")
+      images_ = list(images_)
+    else:
+      images_ = np.asarray(images_)
+      if images_.dtype != np.uint8 or images_.ndim != 4:
+        raise ValueError(f"images must be uint8 [N, H, W, C]; got {images_.dtype} {images_.shape}.")
     if len(images_) != len(labels):
       raise ValueError(f"{len(images_)} images but {len(labels)} labels.")
     self.images = images_

@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 
 from irgen_jax.data import records
+from irgen_jax.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,25 @@ NUM_DATABASE = {"fashion_mnist": 60000, "inshop": 12612, "cub200": 5994, "cars19
                 "imagenet2012": 1281167, "places365": 1803460}
 
 
+def database_size(d) -> int:
+  """N, the database images of a config's ``data`` section, known without the data (shapes only:
+  ahead-of-time compilation); capped by ``data.max_database``."""
+  n = d.synthetic.num_database if d.name == "synthetic" else NUM_DATABASE.get(d.name)
+  if not n:
+    raise UserError(f"config.data.name={d.name!r}: its database size is not known without the data; "
+                    "ahead-of-time compilation supports the catalogue datasets.")
+  return min(n, d.max_database) if d.max_database > 0 else n
+
+
+def num_classes(d) -> int:
+  """The classes of a config's ``data`` section, known without the data (shapes only)."""
+  n = d.synthetic.num_classes if d.name == "synthetic" else NUM_CLASSES.get(d.name)
+  if not n:
+    raise UserError(f"config.data.name={d.name!r}: its class count is not known without the data; "
+                    "ahead-of-time compilation supports the catalogue datasets.")
+  return n
+
+
 def names() -> list[str]:
   """The dataset names a config may use (``data.name``)."""
   return sorted(SOURCES)
@@ -121,7 +141,7 @@ def names() -> list[str]:
 
 def spec(name: str) -> SourceSpec:
   if name not in SOURCES:
-    raise ValueError(f"Unknown dataset {name!r}; known: {sorted(SOURCES)}.")
+    raise UserError(f"Unknown dataset {name!r}; known: {sorted(SOURCES)}.")
   return SOURCES[name]
 
 
@@ -142,7 +162,7 @@ def _builder(name: str, data_dir: str | None, manual_dir: str | None, skip_corru
   if name == "synthetic":
     from irgen_jax.data import synthetic as synth  # pylint: disable=g-import-not-at-top
     if not synthetic:
-      raise ValueError("Dataset 'synthetic' needs its shape: config.data.synthetic = dict("
+      raise UserError("Dataset 'synthetic' needs its shape: config.data.synthetic = dict("
                        "num_classes, image_shape, num_database, num_queries).")
     manual_dir = synth.generate(os.path.join(data_dir or _default_data_dir(), "irgen_synthetic"),
                                 **dict(synthetic))
@@ -156,7 +176,7 @@ def _builder(name: str, data_dir: str | None, manual_dir: str | None, skip_corru
   if name == "folder":
     from irgen_jax.data import folder  # pylint: disable=g-import-not-at-top
     if not manual_dir:
-      raise FileNotFoundError("The folder dataset needs its ROOT as manual_dir "
+      raise MissingFileError("The folder dataset needs its ROOT as manual_dir "
                               "(ROOT/database/<class>/<image>, ROOT/query/<class>/<image>).")
     return folder.IrgenFolder(root=manual_dir, data_dir=data_dir, skip_corrupt=skip_corrupt)
   return tfds.builder(s.builder, data_dir=data_dir)
@@ -170,13 +190,13 @@ def _prepare_command(name: str, builder) -> str:
           f"--file_format=array_record{manual}")
 
 
-def _not_prepared_error(name: str, builder) -> FileNotFoundError:
+def _not_prepared_error(name: str, builder) -> MissingFileError:
   s = spec(name)
   manual = f" MANUAL_DIR must hold {s.manual}." if s.manual else ""
   extra = (" TFDS's download URL for it is dead: get the original files elsewhere (TFDS checks their "
            "SHA-256), or arrange the images as a folder dataset (see irgen_jax/data/registry.py)."
            if name == "cars196" else "")
-  return FileNotFoundError(
+  return MissingFileError(
       f"Dataset {name!r} (TFDS {s.builder}) is not prepared under {builder.data_dir}. It needs "
       f"TensorFlow and a download to prepare, once: `{_prepare_command(name, builder)}`."
       f"{manual}{extra}")
@@ -220,7 +240,7 @@ def prepare(name: str, *, data_dir: str | None, manual_dir: str | None = None,
 def _check_array_record(name: str, builder) -> None:
   fmt = builder.info.file_format
   if fmt is None or getattr(fmt, "value", fmt) != "array_record":
-    raise ValueError(
+    raise UserError(
         f"Dataset {name!r} under {builder.data_dir} was prepared as {fmt}, which needs TensorFlow to "
         f"read; rebuild it as ArrayRecord: `{_prepare_command(name, builder)}`.")
 
@@ -287,7 +307,7 @@ def query_sample(num_records: int, size: int, seed: int = IMAGENET_QUERY_SEED) -
 
 def _check_fraction(fraction: float) -> None:
   if not 0 < float(fraction) <= 1:
-    raise ValueError(f"indexed_fraction={fraction!r}: expected a fraction in (0, 1].")
+    raise UserError(f"indexed_fraction={fraction!r}: expected a fraction in (0, 1].")
 
 
 def indexed_split(labels: np.ndarray, fraction: float, seed: int = INDEXED_SPLIT_SEED) -> np.ndarray:
@@ -327,7 +347,7 @@ def load(name: str, *, data_dir: str | None, manual_dir: str | None = None, max_
   """
   s = spec(name)
   if max_database < 0 or max_queries < 0:
-    raise ValueError(f"max_database={max_database} and max_queries={max_queries} must be >= 0.")
+    raise UserError(f"max_database={max_database} and max_queries={max_queries} must be >= 0.")
   builder = _builder(name, data_dir, manual_dir, skip_corrupt, synthetic)
   if not builder.is_prepared():
     if not s.local:
@@ -395,6 +415,25 @@ def load(name: str, *, data_dir: str | None, manual_dir: str | None = None, max_
   return ds
 
 
+def load_from_config(d, *, database_part: str = "indexed") -> Dataset:
+  """``load`` with a config's ``data`` section.
+
+  ``database_part``: "indexed" (what the models train on and the tokenizer indexes: with
+  ``data.indexed_fraction`` < 1 a fixed part of the database) or "all" (the held-out rest after it).
+  """
+  return load(d.name, data_dir=d.data_dir or None, manual_dir=d.manual_dir or None,
+              max_database=d.max_database, max_queries=d.max_queries, skip_corrupt=d.skip_corrupt,
+              synthetic=dict(d.synthetic) if d.name == "synthetic" else None,
+              indexed_fraction=d.get("indexed_fraction", 1.0), database_part=database_part)
+
+
+def prepare_from_config(d) -> dict[str, Any]:
+  """``prepare`` with a config's ``data`` section (the ``data`` stage; idempotent)."""
+  return prepare(d.name, data_dir=d.data_dir or None, manual_dir=d.manual_dir or None,
+                 skip_corrupt=d.skip_corrupt,
+                 synthetic=dict(d.synthetic) if d.name == "synthetic" else None)
+
+
 def validate(ds: Dataset) -> None:
   """Raises ``ValueError`` before any compute: an empty role, a label outside ``[0, num_classes)``, or
   a query whose class has no database image (it could never be answered)."""
@@ -406,20 +445,20 @@ def validate_labels(*, num_classes: int, database: np.ndarray, query: np.ndarray
                     train: np.ndarray, name: str = "dataset") -> None:
   """``validate`` on bare label arrays (int [N_role] each)."""
   if num_classes <= 0:
-    raise ValueError(f"{name}: num_classes={num_classes} must be positive.")
+    raise UserError(f"{name}: num_classes={num_classes} must be positive.")
   for role, labels in (("database", database), ("query", query), ("train", train)):
     labels = np.asarray(labels)
     if labels.size == 0:
-      raise ValueError(f"{name}: the {role} split is empty.")
+      raise UserError(f"{name}: the {role} split is empty.")
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
       i = int(np.argmax(bad))
-      raise ValueError(f"{name}: {role} record {i} has label {int(labels[i])}, outside "
+      raise UserError(f"{name}: {role} record {i} has label {int(labels[i])}, outside "
                        f"[0, {num_classes}) ({int(bad.sum())} such records).")
   missing = ~np.isin(query, database)
   if missing.any():
     classes = np.unique(np.asarray(query)[missing])
-    raise ValueError(
+    raise UserError(
         f"{name}: {int(missing.sum())} queries belong to {len(classes)} class(es) with no database "
         f"image (e.g. {classes[:5].tolist()}); such queries can never retrieve a positive. Add "
         "database images of those classes or remove the queries.")

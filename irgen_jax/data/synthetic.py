@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from irgen_jax.errors import UserError
+
 _MARKER = "irgen-synthetic.json"
 
 
@@ -54,9 +56,9 @@ def generate(parent: str, *, num_classes: int, image_shape: Sequence[int], num_d
   """
   h, w, c = (int(v) for v in image_shape)
   if c != 3 or h < 8 or w < 8:
-    raise ValueError(f"synthetic image_shape={tuple(image_shape)}: expected (H>=8, W>=8, 3).")
+    raise UserError(f"synthetic image_shape={tuple(image_shape)}: expected (H>=8, W>=8, 3).")
   if num_classes < 1 or num_database < num_classes or num_queries < 1:
-    raise ValueError(f"synthetic data needs num_classes>=1 (got {num_classes}), num_database >= "
+    raise UserError(f"synthetic data needs num_classes>=1 (got {num_classes}), num_database >= "
                      f"num_classes (got {num_database}) and num_queries>=1 (got {num_queries}).")
   spec = dict(num_classes=num_classes, image_shape=[h, w, c], num_database=num_database,
               num_queries=num_queries, seed=seed)

@@ -29,7 +29,7 @@ HIT_COLOR = "#1f9d3a"   # green: relevant (same label as the query)
 MISS_COLOR = "#d32f2f"  # red: not relevant
 QUERY_COLOR = "#1e63c6"
 
-_CSS = f"""
+CSS = f"""
 body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 18px; background: #f6f6f6;
        color: #222; }}
 h1 {{ font-size: 20px; margin: 0 0 6px 0; }}
@@ -85,7 +85,7 @@ def encode_thumbnail(img: Any) -> tuple[str, int, int, bool]:
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), *im.size, upscaled
 
 
-def _img_tag(encoded: tuple[str, int, int, bool], css_class: str, alt: str, title: str) -> str:
+def img_tag(encoded: tuple[str, int, int, bool], css_class: str, alt: str, title: str) -> str:
   uri, w, h, upscaled = encoded
   cls = f"thumb {css_class}" + (" upscaled" if upscaled else "")
   return (f'<img class="{cls}" width="{w}" height="{h}" alt="{html.escape(alt)}" '
@@ -114,7 +114,7 @@ def gallery_html(*, dataset: str, query_indices: Sequence[int], query_labels: An
   empty = '<span class="empty" title="{}"></span>'
   parts = [
       "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-      f"<title>Retrieval examples — {esc(dataset)}</title>", f"<style>{_CSS}</style></head><body>",
+      f"<title>Retrieval examples — {esc(dataset)}</title>", f"<style>{CSS}</style></head><body>",
       f"<h1>Retrieval examples — {esc(dataset)}</h1>",
       f'<p class="legend">Top {k} per method, best first. <span class="key hit"></span> same label as the '
       f'query (relevant) &nbsp; <span class="key miss"></span> different label &nbsp; '
@@ -126,7 +126,7 @@ def gallery_html(*, dataset: str, query_indices: Sequence[int], query_labels: An
     parts.append('<section class="query">')
     parts.append(f"<h2>Query {i} &middot; label {esc(str(ql))}</h2>")
     parts.append('<div class="row"><div class="name">query</div>'
-                 + _img_tag(encode_thumbnail(query_image(i)), "query-img", f"query {i}",
+                 + img_tag(encode_thumbnail(query_image(i)), "query-img", f"query {i}",
                             f"query {i}, label {ql}") + "</div>")
     for name, ids in ranked.items():
       row = np.asarray(ids)[i, :k].tolist()
@@ -138,7 +138,7 @@ def gallery_html(*, dataset: str, query_indices: Sequence[int], query_labels: An
         dl = database_labels[j]
         rel = bool(dl == ql)
         hits += rel
-        cells.append(_img_tag(db_thumb(j), "hit" if rel else "miss", f"rank {rank}",
+        cells.append(img_tag(db_thumb(j), "hit" if rel else "miss", f"rank {rank}",
                               f"rank {rank}, database {j}, label {dl}"))
       cells += [empty.format(f"rank {r}: not retrieved") for r in range(len(row) + 1, k + 1)]
       parts.append(f'<div class="row"><div class="name">{esc(name)}<small>{hits}/{k} relevant</small></div>'

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from irgen_jax import failpoints
 from irgen_jax.evaluators import gallery as gallery_lib
 from irgen_jax.evaluators import metrics as metrics_lib
 from irgen_jax.evaluators import plots
@@ -303,6 +304,8 @@ def write_report(out_dir: str | os.PathLike, *, dataset: str, ks: Sequence[int],
 
   out = Path(out_dir)
   out.parent.mkdir(parents=True, exist_ok=True)
+  for stale in out.parent.glob(f".{out.name}.*-*"):  # what a writer killed earlier left behind
+    shutil.rmtree(stale, ignore_errors=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
   try:
     # mkdtemp makes the directory private (0700); the report should be as readable as any new directory.
@@ -314,6 +317,7 @@ def write_report(out_dir: str | os.PathLike, *, dataset: str, ks: Sequence[int],
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+      failpoints.hit("report.file")
     _swap_in(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

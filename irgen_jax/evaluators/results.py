@@ -84,7 +84,3 @@ class MethodResult:
     """Queries per second including the query encoder."""
     total = self.search_s + self.encode_s
     return self.num_queries / total if total > 0 else None
-
-  def with_encode_time(self, encode_s: float) -> MethodResult:
-    """The same result with the query encoder's time (seconds for all Q queries) recorded."""
-    return dataclasses.replace(self, encode_s=float(encode_s))

@@ -1,31 +1,30 @@
-"""Stage 2, the encoder-decoder retriever (paper section 3.2), and its decode functions for beam search.
+"""Stage 2, the encoder-decoder retriever (paper section 3.2).
 
 ``Retriever`` = an image encoder (any linen module with ``encoder(images [B, H, W, C], train=...) ->
 tokens [B, T, De]``, e.g. ``models.vit.ViT``) + a :class:`~irgen_jax.models.decoder.Decoder` that reads
 every encoder token by cross-attention and predicts the M-token identifier of a neighbour image. Params
 are ``{'encoder': ..., 'decoder': ...}`` (the top-level names the optimizer's learning-rate groups use).
 
-Decoding contract (what ``beam_search`` relies on), from :func:`make_decode_fns`:
+Decoding methods (``decoding.program.retriever_decode_fns`` turns them into the beam search's contract):
 
-  init(params, images [Q, H, W, C]) -> context      encoder once + every block's cross K/V; leaves [Q, ...]
-  init_cache(Q, B) -> cache                        zeros; leaves [Q, B, ...] (reorder: gather on axis 1)
-  step(params, context, cache, prev [Q, B], t)     -> (logits float32 [Q, B, L] of token t, new cache)
-  init_from_tokens(params, tokens [Q, T, De])      -> context, from precomputed encoder outputs
+  init_context(images [Q, H, W, C]) -> context     encoder once + every block's cross K/V; leaves [Q, ...]
+  context_from_tokens(tokens [Q, T, De])           -> context, from precomputed encoder outputs
+  decode_step(context, cache, prev [Q, B], t)      -> (logits float32 [Q, B, L] of token t, new cache)
 
-``params`` is ``variables['params']`` of the Retriever; ``t`` is a static Python int in [0, M). One step
-costs one token per beam; the context is read by every beam through an einsum, never copied per beam.
+``t`` is a static Python int in [0, M). One step costs one token per beam; the context is read by
+every beam through an einsum, never copied per beam.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from irgen_jax.models import vit
 from irgen_jax.models.decoder import Decoder
 
 
@@ -80,7 +79,6 @@ _ENCODER_WEIGHT_FIELDS = ("init", "clip_path")
 def _build_encoder(encoder: Any, dtype: Any) -> nn.Module:
   if isinstance(encoder, nn.Module):
     return encoder
-  from irgen_jax.models import vit  # noqa: PLC0415 (only needed when the encoder is given by size)
   if isinstance(encoder, str):
     return vit.Model(encoder, dtype=dtype)
   if hasattr(encoder, "to_dict"):  # an ml_collections.ConfigDict
@@ -122,63 +120,7 @@ def Model(encoder: Any, *, width: int = 768, depth: int = 12, num_heads: int = 1
   return Retriever(encoder=_build_encoder(encoder, dtype), decoder=decoder)
 
 
-# ------------------------------------------------------------------------------------------ decoding
-
-
-# Each decode function is a frozen dataclass over the (hashable) model rather than a closure, so two
-# ``make_decode_fns(model)`` calls give equal, equally hashed DecodeFns: ``beam_search`` takes them as a
-# static argument and does not recompile for a rebuilt-but-identical tuple.
-@dataclasses.dataclass(frozen=True)
-class _Init:
-  model: Retriever
-
-  def __call__(self, params: Any, images: jax.Array) -> Any:
-    return self.model.apply({"params": params}, images, method=Retriever.init_context)
-
-
-@dataclasses.dataclass(frozen=True)
-class _InitFromTokens:
-  model: Retriever
-
-  def __call__(self, params: Any, tokens: jax.Array) -> Any:
-    return self.model.apply({"params": params}, tokens, method=Retriever.context_from_tokens)
-
-
-@dataclasses.dataclass(frozen=True)
-class _InitCache:
-  model: Retriever
-
-  def __call__(self, num_queries: int, beam_size: int) -> Any:
-    return self.model.decoder.init_cache(num_queries, beam_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Step:
-  model: Retriever
-
-  def __call__(self, params: Any, context: Any, cache: Any, prev_tokens: jax.Array,
-               t: int) -> tuple[jax.Array, Any]:
-    return self.model.apply({"params": params}, context, cache, jnp.asarray(prev_tokens, jnp.int32), t,
-                            method=Retriever.decode_step)
-
-
-class DecodeFns(NamedTuple):
-  """The decode functions of a Retriever (see the module docstring for the contract).
-
-  init: (params, images [Q, H, W, C]) -> context; every leaf has leading dim Q.
-  init_cache: (Q, B) -> cache of zeros; every leaf has leading dims [Q, B].
-  step: (params, context, cache, prev_tokens int32 [Q, B], t: int) -> (logits float32 [Q, B, L], cache).
-  init_from_tokens: (params, encoder tokens [Q, T, De]) -> context.
-  """
-  init: Callable[..., Any]
-  init_cache: Callable[..., Any]
-  step: Callable[..., Any]
-  init_from_tokens: Callable[..., Any]
-
-
-def make_decode_fns(model: Retriever) -> DecodeFns:
-  """The decode functions of ``model``; pure, jit-able, any Q and B. Equal for equal models."""
-  return DecodeFns(_Init(model), _InitCache(model), _Step(model), _InitFromTokens(model))
+# ------------------------------------------------------------------------------------------ helpers
 
 
 def encode(model: Retriever, params: Any, images: jax.Array) -> jax.Array:

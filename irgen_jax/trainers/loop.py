@@ -9,9 +9,15 @@ sharded), a grain iterator of this process's batch slices and a step count. The 
 - checks that every step's loss is finite one step late (so dispatch stays asynchronous) and always
   before a checkpoint is written: a non-finite loss stops the run naming the step, and nothing from
   that step is saved,
-- writes metrics as JSON lines and TensorBoard events (process 0), with a progress bar,
+- writes metrics as JSON lines and TensorBoard events (process 0), with a progress bar; each logged
+  line averages the steps since the previous one, and the running sums travel in the checkpoint, so a
+  resumed run logs the same lines as an uninterrupted one (apart from its timing field, steps_per_sec),
 - saves every ``checkpoint_every`` steps and at the end, and on SIGTERM (a preemption notice) saves at
   the next step boundary and raises ``Preempted`` (entry points exit with status 0: the run resumes).
+
+Failpoints (``irgen_jax.failpoints``): ``<name>.loop_started`` once the checkpoint directory exists and
+before the first step, ``<name>.step`` after every step, ``<name>.checkpoint`` after every committed
+checkpoint (the save is awaited first when the point is armed).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import jax
 import numpy as np
 import tqdm
 
-from irgen_jax import parallel
+from irgen_jax import failpoints, files, parallel
 from irgen_jax.trainers.checkpointing import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -62,7 +68,11 @@ class PreemptionGuard:
 
 
 class MetricWriter:
-  """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``) under a stage directory."""
+  """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``) under a stage directory.
+
+  Resuming at ``resume_step`` drops the lines of later steps (the run redoes them) and tells
+  TensorBoard to discard its events from there (``purge_step``).
+  """
 
   def __init__(self, directory: str, *, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
@@ -71,9 +81,9 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(directory, exist_ok=True)
-    _drop_lines_after(self.path, resume_step)
+    truncate_log(self.path, keep=lambda step: step <= resume_step)
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-    self._tb = SummaryWriter(os.path.join(directory, "tb"))
+    self._tb = SummaryWriter(os.path.join(directory, "tb"), purge_step=resume_step or None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -89,15 +99,14 @@ class MetricWriter:
       self._tb.close()
 
 
-def _drop_lines_after(path: str, step: int) -> None:
-  # A run killed between checkpoints logged steps it will now redo; keep the log a function of steps.
+def truncate_log(path: str, keep: Callable[[int], bool]) -> None:
+  """Keeps the lines of a JSON-lines log whose ``step`` satisfies ``keep`` (a resumed run redoes the
+  others, and must log each once: the log stays a function of the steps, not of the restarts)."""
   if not os.path.exists(path):
     return
   with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-  with open(path + ".tmp", "w") as f:
-    f.writelines(lines)
-  os.replace(path + ".tmp", path)
+    lines = [line for line in f if line.strip() and keep(json.loads(line).get("step", 0))]
+  files.write_text(path, "".join(lines))
 
 
 def _check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
@@ -108,6 +117,15 @@ def _check_finite(step: int, metrics: dict[str, Any]) -> dict[str, float]:
         f"Non-finite loss ({loss}) at step {step + 1}; nothing from this step was saved. "
         "Lower the learning rate, enable grad_clip, or check the input data.")
   return host
+
+
+def init_key(seed: int, stream: int) -> jax.Array:
+  """A parameter-init key per (seed, purpose): stages never share randomness by accident."""
+  return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+def epochs_to_steps(num_epochs: float, steps_per_epoch: int) -> int:
+  return max(1, int(round(num_epochs * steps_per_epoch)))
 
 
 def train(
@@ -132,37 +150,41 @@ def train(
   pretrained weights) is applied only when no checkpoint was committed, i.e. when the run starts at step
   0: whether to start fresh is decided by what orbax committed, never by whether the checkpoint
   directory exists (orbax creates it before the first save). Steps are counted from 0; a checkpoint at
-  step s holds the state after s steps and the iterator positioned at batch s.
+  step s holds the state after s steps and the iterator positioned at batch s. ``description`` names
+  the stage (progress bar, failpoints).
   """
   ckpt = Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=keep_checkpoints)
   start = 0
+  window: dict[str, Any] = {"sums": {}, "count": 0}
   if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(state, data_iterator)
+    state, start, window = ckpt.restore(state, data_iterator, extra=True)
   elif starting_state is not None:
     state = starting_state(state)
+  failpoints.hit(f"{description}.loop_started")
   writer = MetricWriter(stage_dir, resume_step=start)
   bar = tqdm.tqdm(total=total_steps, initial=start, desc=description, unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=2.0)
   pending: tuple[int, dict[str, Any]] | None = None
-  sums: dict[str, float] = {}
-  count = 0
-  t_log = time.perf_counter()
+  sums: dict[str, float] = dict(window["sums"])
+  count = int(window["count"])
+  t_log, timed = time.perf_counter(), 0
 
   def settle(step_metrics):
-    nonlocal sums, count, t_log
+    nonlocal sums, count, t_log, timed
     step, metrics = step_metrics
     host = _check_finite(step, metrics)
     for k, v in host.items():
       sums[k] = sums.get(k, 0.0) + v
     count += 1
+    timed += 1
     done = step + 1
     if done % log_every == 0 or done == total_steps:
       now = time.perf_counter()
       averaged = {k: v / count for k, v in sums.items()}
-      averaged["steps_per_sec"] = count / max(now - t_log, 1e-9)
+      averaged["steps_per_sec"] = timed / max(now - t_log, 1e-9)
       writer.write(done, averaged)
       bar.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}", refresh=False)
-      sums, count, t_log = {}, 0, now
+      sums, count, t_log, timed = {}, 0, now, 0
 
   try:
     with PreemptionGuard() as guard:
@@ -175,11 +197,15 @@ def train(
           settle(pending)
         pending = (step, metrics)
         bar.update(1)
+        failpoints.hit(f"{description}.step")
         done = step + 1
         if done % checkpoint_every == 0 or done == total_steps or guard.requested:
           settle(pending)
           pending = None
-          ckpt.save(done, state, data_iterator)
+          ckpt.save(done, state, data_iterator, extra={"sums": sums, "count": count})
+          if failpoints.armed(f"{description}.checkpoint"):
+            ckpt.wait()
+            failpoints.hit(f"{description}.checkpoint")
           if guard.requested and done < total_steps:
             ckpt.wait()
             log.warning("SIGTERM: saved step %d under %s; stopping (resumable).", done, stage_dir)

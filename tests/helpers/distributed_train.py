@@ -6,7 +6,7 @@ Every process gets ``LOCAL_DEVICES`` fake CPU devices; with ``NUM_PROCESSES > 1`
 environment of a real multi-host job is set (``IRGEN_COORDINATOR_ADDRESS=127.0.0.1:PORT``,
 ``IRGEN_NUM_PROCESSES``, ``IRGEN_PROCESS_ID``) and ``parallel.maybe_initialize_distributed()`` joins
 the processes, as ``irgen_jax.main`` does. Then the real tokenizer stage runs
-(``irgen_jax.main.run`` with ``stages=data,tokenizer``): each process loads its slice of every global batch
+(``irgen_jax.stages.run`` with ``stages=data,tokenizer``): each process loads its slice of every global batch
 (``pipeline.train_iterator``), the loop places it (``parallel.global_batch_from_local``), checkpoints
 are written by every process into the shared workdir, codebook refits and the final identifiers
 gather features from every process. Metrics are logged every step (``WORKDIR/tokenizer/metrics.jsonl``,
@@ -52,12 +52,12 @@ def main(argv):
   sys.path.insert(0, ROOT)
   import jax  # pylint: disable=g-import-not-at-top
 
-  from irgen_jax import main as main_lib, parallel  # pylint: disable=g-import-not-at-top
+  from irgen_jax import parallel, stages  # pylint: disable=g-import-not-at-top
 
   parallel.maybe_initialize_distributed()
   assert jax.process_count() == num_processes, (jax.process_count(), num_processes)
   assert jax.device_count() == num_processes * local_devices, jax.devices()
-  main_lib.run(config(data_dir), workdir)
+  stages.run(config(data_dir), workdir)
   print(f"process {jax.process_index()}/{jax.process_count()} done, {jax.device_count()} devices",
         flush=True)
   return 0

@@ -27,7 +27,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from irgen_jax import parallel  # noqa: E402
-from irgen_jax.trainers import retriever, tokenizer  # noqa: E402
+from irgen_jax.models import build  # noqa: E402
+from irgen_jax.trainers import train_retriever as retriever  # noqa: E402
+from irgen_jax.trainers import train_tokenizer as tokenizer  # noqa: E402
 
 STEPS = 2
 NUM_CLASSES = 10
@@ -60,14 +62,14 @@ def batches(c, stage, rng):
 def run(c, stage, mesh, data):
   """``STEPS`` train steps of ``stage`` on ``mesh``; returns [(loss, host state)] per step."""
   if stage == "tokenizer":
-    model = tokenizer.build_model(c, NUM_CLASSES)
+    model = build.tokenizer(c, NUM_CLASSES)
     tx = tokenizer.make_optimizer(c, total_steps=10)
     state = parallel.create_replicated(tokenizer.init_fn(model, tx, c), mesh)
     codebooks = data["codebooks"]
     state = dict(state, codebooks=parallel.replicate(codebooks, mesh))
     step = tokenizer.make_train_step(model, tx, c)
   else:
-    model = retriever.build_model(c)
+    model = build.retriever(c)
     tx = retriever.make_optimizer(c, total_steps=10)
     state = parallel.create_replicated(retriever.init_fn(model, tx, c), mesh)
     table = parallel.replicate(data["codes"], mesh)

@@ -22,7 +22,7 @@ fan-out. Near the root every node has many children and that is cheap per child;
 large index almost every node has one child (N = 1M random codes, M = 4, L = 256: 970k depth-3 nodes with
 1.03 children each), where the masks were 80% of the index and a sorted token list costs 4 + 1 bytes. The
 default ``layout="auto"`` makes a level dense when its masks cost at most ``DENSE_BYTES_PER_CHILD`` bytes per
-child (fan-out >= 11 at L = 256); ``layout="dense"`` is the all-mask table of DESIGN.md, ``"sparse"`` uses
+child (fan-out >= 11 at L = 256); ``layout="dense"`` is the all-mask table (masks at every level), ``"sparse"`` uses
 none. All three give identical search results (tests/test_beam_search.py); at 1M codes "auto" is ~3x
 smaller than "dense" (benchmarks/beam_search.py prints both). Bytes per internal node: 4W + W + 4 at a dense
 level (44 at L = 256), 4 at a sparse one, plus one token byte per node below the root and per identifier;
@@ -47,10 +47,15 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Any
 
+import flax.struct
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from irgen_jax import files
+from irgen_jax.errors import UserError
 
 FORMAT_VERSION = 1
 LAYOUTS = ("auto", "dense", "sparse")
@@ -63,8 +68,29 @@ _MAX_TOKENS = 1 << 16
 _MAX_IMAGES = (1 << 31) - 1  # ids and offsets are int32
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserError):
   """An index file that cannot be used: truncated, corrupted, another version, or built for another model."""
+
+
+@flax.struct.dataclass
+class IndexArrays:
+  """The index's tables on the device, as the jitted search reads them (``Index.device_arrays()``).
+
+  Leading dims may be padded (padded nodes have no children, padded identifiers no images). A level with
+  ``masks[d] is None`` is sparse: a beam gathers its node's child tokens (``max_fanout[d]`` slots).
+  """
+  first_child: tuple[jax.Array, ...]         # M x int32 [n_d + 1]
+  child_token: tuple[jax.Array, ...]         # M x uint8/16 [n_{d+1}]
+  masks: tuple[jax.Array | None, ...]        # M x uint32 [n_d, W] (None: sparse level)
+  word_rank: tuple[jax.Array | None, ...]    # M x uint8/16/32 [n_d, W] (None: sparse level)
+  offsets: jax.Array                         # int32 [U + 1]
+  image_ids: jax.Array                       # int32 [N]
+  num_tokens: int = flax.struct.field(pytree_node=False)              # L
+  max_fanout: tuple[int, ...] = flax.struct.field(pytree_node=False)  # per level; 0 for dense levels
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.first_child)
 
 
 def num_words(num_tokens: int) -> int:
@@ -92,7 +118,7 @@ class Index:
   """Immutable host-side (numpy) index; see the module docstring for the layout.
 
   Build it with ``Index.build(codes, num_tokens)``; move it to the device once with ``device_arrays()``
-  (``irgen_jax.beam_search.IndexArrays``) and pass that to the search.
+  (``IndexArrays``) and pass that to the search.
   """
 
   num_tokens: int                              # L
@@ -263,18 +289,14 @@ class Index:
 
   # ---------------------------------------------------------------- device
 
-  def device_arrays(self, *, bucket: bool = True):
-    """The tables as device arrays (``irgen_jax.beam_search.IndexArrays``), to pass to the jitted search.
+  def device_arrays(self, *, bucket: bool = True) -> IndexArrays:
+    """The tables as device arrays (``IndexArrays``), to pass to the jitted search.
 
     With ``bucket`` every table's leading dimension is rounded up to a few fixed sizes (at most 1/8 more
     rows; padded nodes have no children, padded identifiers no images) and each sparse level's fan-out
     bound to a power of two, so an index that grows by inserts keeps its shapes, and the search its compiled
     program, most of the time.
     """
-    import jax.numpy as jnp
-
-    from irgen_jax.beam_search import IndexArrays  # the search owns the device-side type
-
     def rows(a, fill=0, extra=0):
       if a is None:
         return None
@@ -329,33 +351,26 @@ class Index:
         "layout": self.layout, "num_images": self.num_images, "num_identifiers": self.num_identifiers,
         "payload_bytes": offset, "arrays": specs}).encode()
     digest = hashlib.sha256()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-      with os.fdopen(fd, "wb") as f:
-        for chunk in (_PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header)), header, *arrays):
-          chunk = memoryview(chunk).cast("B")
-          digest.update(chunk)
-          f.write(chunk)
-        f.write(digest.digest())
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
-    # Make the rename itself durable (POSIX; not possible on every platform).
-    try:
-      dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-      return
-    try:
-      os.fsync(dir_fd)
-    except OSError:
-      pass
-    finally:
-      os.close(dir_fd)
+
+    def write(f):
+      for chunk in (_PREFIX.pack(_MAGIC, FORMAT_VERSION, len(header)), header, *arrays):
+        chunk = memoryview(chunk).cast("B")
+        digest.update(chunk)
+        f.write(chunk)
+      f.write(digest.digest())
+    files.write_atomic(path, write)
+
+  @staticmethod
+  def file_fingerprint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """``{"bytes", "sha256"}`` of an index file from the checksum it ends with (reads 32 bytes; a file
+    that is not a complete index fails ``load``, not this). None when there is no file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      return None
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      f.seek(max(0, size - _DIGEST_BYTES))
+      return {"bytes": size, "sha256": f.read().hex()}
 
   @classmethod
   def load(cls, path: str | os.PathLike, *, num_levels: int | None, num_tokens: int | None) -> Index:
@@ -462,6 +477,30 @@ class Index:
     if n and not np.array_equal(np.sort(self.image_ids), np.arange(n)):
       return "image_ids is not a permutation of 0..N-1"
     return None
+
+
+def abstract_arrays(num_images: int, num_levels: int, num_tokens: int, sharding: Any = None
+                    ) -> IndexArrays:
+  """``IndexArrays`` of ``jax.ShapeDtypeStruct``: the tables of the largest index of N images.
+
+  For compiling the search before any identifier exists (ahead-of-time compilation). The worst case of
+  the all-dense layout (``layout="dense"``): every prefix is distinct until there are as many as images,
+  i.e. n_d = min(L^d, N) nodes at depth d and U = min(L^M, N) identifiers, each table padded as
+  ``Index.device_arrays()`` pads it. A real index (``layout="auto"``, shared prefixes) is never larger.
+  """
+  def struct(rows, dtype, *rest):
+    return jax.ShapeDtypeStruct((rows, *rest), dtype, sharding=sharding)
+
+  w, token, rank = num_words(num_tokens), _token_dtype(num_tokens), _rank_dtype(num_tokens)
+  nodes = [min(num_tokens**d, num_images) for d in range(num_levels + 1)]  # nodes[M] = U
+  return IndexArrays(
+      first_child=tuple(struct(_bucket(nodes[d]) + 1, jnp.int32) for d in range(num_levels)),
+      child_token=tuple(struct(_bucket(nodes[d + 1]), token) for d in range(num_levels)),
+      masks=tuple(struct(_bucket(nodes[d]), jnp.uint32, w) for d in range(num_levels)),
+      word_rank=tuple(struct(_bucket(nodes[d]), rank, w) for d in range(num_levels)),
+      offsets=struct(_bucket(nodes[num_levels]) + 1, jnp.int32),
+      image_ids=struct(_bucket(num_images), jnp.int32),
+      num_tokens=num_tokens, max_fanout=(0,) * num_levels)
 
 
 # -------------------------------------------------------------------- helpers

@@ -2,20 +2,22 @@
 
 Alternating optimization (paper section 3.1): the network trains by gradient with the codebooks fixed;
 every ``refit_every_epochs`` epochs the codebooks are refit by k-means on the residuals of f_cls of the
-whole database, computed with the eval transform and the model in eval mode (the reference recomputed
-them with training augmentation, a bug we do not copy). The first fit happens before step 0.
+whole database, computed with the eval transform and the model in eval mode (``irgen_jax.features``).
+The first fit happens before step 0.
 
-Outputs under ``WORKDIR/tokenizer/``: ``params/`` (final parameters), ``database_features.npy``
-(f_cls of every database image, float32 [N, D]), ``identifiers.npz`` (``codes`` int32 [N, M] and, for
-semantic identifiers, ``codebooks`` [M, L, D]), ``stats.json``, and the index ``WORKDIR/index.irgx``.
+Outputs (``irgen_jax.workdir``): ``tokenizer/params/``, ``tokenizer/database_features.npy`` (f_cls of
+every database image, float32 [N, D]), ``tokenizer/identifiers.npz`` (``codes`` int32 [N, M] and, for
+semantic identifiers, ``codebooks`` [M, L, D]), ``tokenizer/stats.json``, ``tokenizer/refits.jsonl``
+and the index ``index.irgx``.
+
+Failpoints: ``tokenizer.refit`` inside every refit (features computed, codebooks not yet in the state),
+``tokenizer.outputs`` between the files ``finalize`` writes; and the loop's (``trainers.loop``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -25,27 +27,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from irgen_jax import identifiers, inference, parallel
-from irgen_jax.index import Index
-from irgen_jax.models import rq
-from irgen_jax.models.tokenizer import SemanticTokenizer, tokenizer_loss
-from irgen_jax.trainers import checkpointing, common, loop, optim
+from irgen_jax import config_lib, failpoints, features, files, identifiers, inference, parallel
+from irgen_jax.data import pipeline, registry
+from irgen_jax.decoding.index import Index
+from irgen_jax.models import build, rq
+from irgen_jax.models.tokenizer import SemanticTokenizer
+from irgen_jax.trainers import loop, optim
+from irgen_jax.trainers.losses import tokenizer_loss
+from irgen_jax.errors import ConfigError
+from irgen_jax.workdir import (CONFIG, DATABASE_FEATURES, IDENTIFIERS, INDEX, REFITS, TOKENIZER_PARAMS,
+                               TOKENIZER_STATS, Workdir)
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "index.irgx"
-
-
-def build_model(c: ml_collections.ConfigDict, num_classes: int) -> SemanticTokenizer:
-  t = c.tokenizer
-  enc = common.encoder(t.encoder, image_size=c.data.image_size, dtype=common.compute_dtype(c),
-                       from_clip=t.encoder.init == "clip")
-  return SemanticTokenizer(encoder=enc, num_classes=num_classes, num_levels=c.ids.length,
-                           proj_dim=t.proj_dim or None, shared_rq_head=t.shared_head)
-
-
-def feature_dim(model: SemanticTokenizer) -> int:
-  return model.proj_dim or model.encoder.width
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -58,14 +51,14 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
 def init_fn(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
   """``() -> state``: params, optimizer state, step, rng and zero codebooks (fit before step 0)."""
   s = c.data.image_size
-  m, l, d = c.ids.length, c.ids.codebook_size, feature_dim(model)
+  m, l, d = c.ids.length, c.ids.codebook_size, build.feature_dim(model)
 
   def init():
     codebooks = jnp.zeros((m, l, d), jnp.float32)
-    params = model.init(common.init_key(c.seed, 1), jnp.zeros((1, s, s, 3), jnp.float32),
+    params = model.init(loop.init_key(c.seed, 1), jnp.zeros((1, s, s, 3), jnp.float32),
                         codebooks)["params"]
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(common.init_key(c.seed, 2)), "codebooks": codebooks}
+            "rng": jax.random.key_data(loop.init_key(c.seed, 2)), "codebooks": codebooks}
   return init
 
 
@@ -88,37 +81,55 @@ def make_train_step(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
   return jax.jit(train_step, donate_argnums=(0,))
 
 
-def features_fn(model: SemanticTokenizer):
-  """Jitted ``(params, images) -> f_cls float32 [B, D]`` (eval mode)."""
-  @jax.jit
-  def features(params, images):
-    return model.apply({"params": params}, images, train=False, method="features")
-  return features
+def stage(config, wd: Workdir, mesh) -> dict[str, Any]:
+  """The tokenizer stage: train (``run``), or take another run's trained tokenizer (``reuse``)."""
+  if config.tokenizer.get("reuse_from", ""):
+    return reuse(config, wd, mesh)
+  return run(config, wd, mesh)
 
 
-def database_features(model, params, source, c, mesh, description="") -> np.ndarray:
-  fn = functools.partial(features_fn(model), params)
-  feats, _ = inference.map_split(fn, source, mesh=mesh, batch_size=c.search.query_batch_size * 4,
-                                 image_size=c.data.image_size, resize_size=c.data.resize_size,
-                                 description=description)
-  return feats
+# What another run's tokenizer must share with this run to stand in for its own: the architecture (an
+# error otherwise) and, to mean the same thing, the data (a warning otherwise). The identifiers' own
+# settings (ids.kind, codebook_size, hkm_clusters) may differ: that is the point of reusing it.
+_REUSE_ARCHITECTURE = ("tokenizer.encoder.", "tokenizer.proj_dim", "tokenizer.shared_head",
+                       "data.image_size", "ids.length")
+_REUSE_DATA = ("data.name", "data.resize_size", "data.max_database", "data.indexed_fraction",
+               "data.manual_dir", "data.synthetic.")
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-  with open(path + ".tmp", "wb") as f:
-    np.save(f, array)
-  os.replace(path + ".tmp", path)
+def reuse(config, wd: Workdir, mesh) -> dict[str, Any]:
+  """The tokenizer stage without training: ``tokenizer.reuse_from``'s trained tokenizer, then this
+  run's identifiers, index and files exactly as the stage writes them (``finalize``)."""
+  source = Workdir(config.tokenizer.reuse_from)
+  theirs = config_lib.flatten(files.read_json(source.path(CONFIG)))
+  ours = config_lib.flatten(json.loads(config.to_json_best_effort()))
+  # A field the other run's config.json lacks (written before the field existed) had its default.
+  base = config_lib.flatten(json.loads(config_lib.base_config().to_json_best_effort()))
+  theirs = {**base, **theirs}
+
+  def differing(prefixes):
+    return [f"{k}={theirs.get(k)!r} (here {ours[k]!r})" for k in sorted(ours)
+            if k.startswith(prefixes) and theirs.get(k) != ours[k]]
+  if differing(_REUSE_ARCHITECTURE):
+    raise ConfigError(f"config.tokenizer.reuse_from={source.root!r}: its tokenizer has another "
+                      "architecture: " + ", ".join(differing(_REUSE_ARCHITECTURE)) + ".")
+  if differing(_REUSE_DATA):
+    log.warning("config.tokenizer.reuse_from=%s was trained on other data: %s.", source.root,
+                ", ".join(differing(_REUSE_DATA)))
+  ds = registry.load_from_config(config.data)
+  model, params = source.load_tokenizer(config, ds.num_classes)
+  log.info("Tokenizer: reusing the trained tokenizer of %s (no training).", source.root)
+  stats = finalize(config, wd, mesh, model, params, ds)
+  return {**stats, "reused_from": source.root}
 
 
-def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
-  from irgen_jax.data import pipeline
-
+def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
   t = c.tokenizer
-  ds = common.load_dataset(c.data)
-  stage = common.stage_dir(workdir, "tokenizer")
-  model = build_model(c, ds.num_classes)
+  ds = registry.load_from_config(c.data)
+  stage = workdir.stage_dir("tokenizer")
+  model = build.tokenizer(c, ds.num_classes)
   steps_per_epoch = pipeline.steps_per_epoch(len(ds.train), t.batch_size)
-  total = common.epochs_to_steps(t.num_epochs, steps_per_epoch)
+  total = loop.epochs_to_steps(t.num_epochs, steps_per_epoch)
   refit_every = max(1, int(t.refit_every_epochs * steps_per_epoch))
   tx = make_optimizer(c, total)
   state = parallel.create_replicated(init_fn(model, tx, c), mesh)
@@ -126,13 +137,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   def starting_state(state):
     if t.encoder.init != "clip":
       return state
-    params = common.graft_clip(jax.device_get(state["params"]), t.encoder.clip_path, at="encoder")
+    params = build.graft_clip(jax.device_get(state["params"]), t.encoder.clip_path, at="encoder")
     # AdamW's state is zeros whatever the params, so only the params change.
     return dict(state, params=parallel.replicate(params, mesh))
   log.info("Tokenizer: %d train images, %d steps/epoch, %d steps, refit every %d steps.",
            len(ds.train), steps_per_epoch, total, refit_every)
 
-  refit_log = os.path.join(stage, "refits.jsonl")
+  refit_log = workdir.path(REFITS)
   refit_source = ds.database
   if 0 < t.get("refit_max_images", 0) < len(ds.database):
     # A fixed sample: k-means on 20k points places 256 centroids about as well as on 60k, and the
@@ -141,14 +152,22 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
                                                         replace=False))
     refit_source = inference.Subset(ds.database, rows)
     log.info("Codebook refits use %d of the %d database images.", len(rows), len(ds.database))
+  first_step: list[int] = []
 
   def refit(step: int, state):
+    if not first_step:
+      # The first step this process runs is where it resumed: refits from there are redone, so
+      # their lines go (the log stays one line per refit, as in an uninterrupted run).
+      first_step.append(step)
+      if jax.process_index() == 0:
+        loop.truncate_log(refit_log, keep=lambda s: s < step)
     if step % refit_every:
       return state
-    feats = database_features(model, state["params"], refit_source, c, mesh)
+    feats = features.of_source(model, state["params"], refit_source, c, mesh)
     codebooks = rq.fit_residual_codebooks(feats, c.ids.length, c.ids.codebook_size,
                                           iters=t.kmeans_iters, init=t.kmeans_init,
                                           seed=c.seed * 100003 + step)
+    failpoints.hit("tokenizer.refit")
     stats = rq.rq_statistics(feats, codebooks)
     log.info("Step %d: codebooks refit; %d unique identifiers, relative error %.4f.", step,
              stats["num_identifiers"], stats[f"relative_error_l{c.ids.length}"])
@@ -168,10 +187,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
   return finalize(c, workdir, mesh, model, state["params"], ds)
 
 
-def finalize(c, workdir: str, mesh, model, params, ds) -> dict[str, Any]:
+def finalize(c, workdir: Workdir, mesh, model, params, ds) -> dict[str, Any]:
   """Final features → identifiers of the config's kind → index; every file written atomically."""
-  stage = common.stage_dir(workdir, "tokenizer")
-  feats = database_features(model, params, ds.database, c, mesh, description="database features")
+  feats = features.of_source(model, params, ds.database, c, mesh, description="database features")
   t0 = time.perf_counter()
   codes, extra = identifiers.assign(
       c.ids.kind, feats, length=c.ids.length, codebook_size=c.ids.codebook_size, seed=c.seed,
@@ -186,49 +204,21 @@ def finalize(c, workdir: str, mesh, model, params, ds) -> dict[str, Any]:
   stats.update(index_build_s=time.perf_counter() - t0)
   stats.update(index_bytes=index.nbytes, index_bytes_per_image=index.bytes_per_image)
   # orbax's save is collective: every process calls it, process 0 writes, all wait for the commit.
-  checkpointing.save_params(os.path.join(stage, "params"), jax.device_get(params))
+  workdir.save_params(TOKENIZER_PARAMS, params)
   if jax.process_index() == 0:
-    _save_npy(os.path.join(stage, "database_features.npy"), feats)
-    with open(os.path.join(stage, "identifiers.npz.tmp"), "wb") as f:
-      np.savez(f, codes=codes, **extra)
-    os.replace(os.path.join(stage, "identifiers.npz.tmp"), os.path.join(stage, "identifiers.npz"))
-    index.save(os.path.join(workdir, INDEX_FILE))
-    with open(os.path.join(stage, "stats.json"), "w") as f:
-      json.dump(stats, f, indent=1)
+    files.write_npy(workdir.path(DATABASE_FEATURES), feats)
+    failpoints.hit("tokenizer.outputs")
+    files.write_npz(workdir.path(IDENTIFIERS), codes=codes, **extra)
+    index.save(workdir.path(INDEX))
+    files.write_json(workdir.path(TOKENIZER_STATS), stats)
   parallel.sync("tokenizer files written")  # later stages read them on every process
   log.info("Identifiers: %s", stats)
   return stats
 
 
-def load_params(c, workdir: str, num_classes: int):
-  """The trained tokenizer ``(model, params)`` from ``WORKDIR/tokenizer/params``."""
-  model = build_model(c, num_classes)
-  s = c.data.image_size
-  template = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, s, s, 3)),
-                         jnp.zeros((c.ids.length, c.ids.codebook_size, feature_dim(model))))
-  )["params"]
-  params = checkpointing.load_params(os.path.join(workdir, "tokenizer", "params"), template)
-  return model, params
-
-
-def load_identifiers(workdir: str) -> dict[str, np.ndarray]:
-  path = os.path.join(workdir, "tokenizer", "identifiers.npz")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No identifiers at {path}: run the tokenizer stage first.")
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
-
-
 def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   """The train step as ``(jitted, abstract args)`` for ahead-of-time compilation (shapes only)."""
-  from irgen_jax.data import registry
-  num_classes = (c.data.synthetic.num_classes if c.data.name == "synthetic"
-                 else registry.NUM_CLASSES.get(c.data.name))
-  if not num_classes:
-    raise ValueError(f"config.data.name={c.data.name!r}: its class count is not known without the "
-                     "data; ahead-of-time compilation supports the catalogue datasets.")
-  model = build_model(c, num_classes)
+  model = build.tokenizer(c, registry.num_classes(c.data))
   tx = make_optimizer(c, total_steps=1000)
   state = jax.eval_shape(init_fn(model, tx, c))
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,

@@ -32,12 +32,13 @@ same (hashable) object every call, e.g. one NamedTuple made once, or every call 
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from irgen_jax.decoding.index import IndexArrays
 
 # What an illegal token's log-probability becomes: finite, so sums and comparisons stay well defined, and
 # far below any real log-probability (float32 log_softmax of finite logits is > -1e30 by a wide margin).
@@ -46,54 +47,23 @@ ILLEGAL_LOGPROB = -1e30
 REORDER_MODES = ("gather", "one_hot")
 
 
-class DecodeFns(Protocol):
-  """The decode-function contract (duck-typed: any object with these three callables).
+class DecodeFns(NamedTuple):
+  """The decode-function contract: everything the search needs from a model (a hashable tuple of
+  callables, so it can be a static argument of ``jit``; build it once and pass the same object).
 
   Q queries, B beams per query, L tokens per level, M levels. ``queries`` and ``context`` are pytrees whose
   leaves all have leading dim Q; ``cache`` is a pytree whose leaves all have leading dims [Q, B] (the search
   reorders it along axis 1).
+
+  init(params, queries) -> context: per-query work done once (encoder, cross-attention keys/values).
+  init_cache(num_queries, beam_size) -> cache: the empty decoding cache, zeros, every leaf [Q, B, ...].
+  step(params, context, cache, prev_tokens, t) -> (logits, cache): logits (float [Q, B, L]) of
+    identifier token t given tokens 0..t-1, and the updated cache. ``prev_tokens`` is int32 [Q, B], token
+    t-1 of every beam (ignored at t = 0); ``t`` is a Python int.
   """
-
-  def init(self, params: Any, queries: Any) -> Any:
-    """Per-query work done once (encoder, cross-attention keys/values): a pytree, every leaf [Q, ...]."""
-
-  def init_cache(self, num_queries: int, beam_size: int) -> Any:
-    """The empty decoding cache: a pytree of zeros, every leaf [Q, B, ...]."""
-
-  def step(self, params: Any, context: Any, cache: Any, prev_tokens: jax.Array,
-           t: int) -> tuple[jax.Array, Any]:
-    """Logits (float [Q, B, L]) of identifier token t given tokens 0..t-1, and the updated cache.
-
-    ``prev_tokens`` is int32 [Q, B], token t-1 of every beam (ignored at t = 0); ``t`` is a Python int.
-    """
-
-
-class DecodeFunctions(NamedTuple):
-  """A plain implementation of ``DecodeFns`` from three callables (hashable, so usable as a static arg)."""
   init: Any
   init_cache: Any
   step: Any
-
-
-@flax.struct.dataclass
-class IndexArrays:
-  """The index tables on the device (see irgen_jax/index.py); built by ``Index.device_arrays()``.
-
-  Leading dims may be padded (padded nodes have no children, padded identifiers no images). A level with
-  ``masks[d] is None`` is sparse: a beam gathers its node's child tokens (``max_fanout[d]`` slots).
-  """
-  first_child: tuple[jax.Array, ...]         # M x int32 [n_d + 1]
-  child_token: tuple[jax.Array, ...]         # M x uint8/16 [n_{d+1}]
-  masks: tuple[jax.Array | None, ...]        # M x uint32 [n_d, W] (None: sparse level)
-  word_rank: tuple[jax.Array | None, ...]    # M x uint8/16/32 [n_d, W] (None: sparse level)
-  offsets: jax.Array                         # int32 [U + 1]
-  image_ids: jax.Array                       # int32 [N]
-  num_tokens: int = flax.struct.field(pytree_node=False)              # L
-  max_fanout: tuple[int, ...] = flax.struct.field(pytree_node=False)  # per level; 0 for dense levels
-
-  @property
-  def num_levels(self) -> int:
-    return len(self.first_child)
 
 
 class SearchResult(NamedTuple):

@@ -9,13 +9,13 @@ from the stage-1 encoder, from CLIP, or from scratch; it trains at ``encoder_lr_
 learning rate, or stays frozen at 0 (then its backward pass is not computed).
 
 Outputs: ``WORKDIR/retriever/params/`` (final parameters), metrics and checkpoints beside them.
+Failpoints: the loop's (``retriever.loop_started``, ``retriever.step``, ``retriever.checkpoint``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any
 
 import jax
@@ -24,29 +24,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from irgen_jax import parallel
+from irgen_jax import features, parallel
+from irgen_jax.data import pairs, pipeline, registry
+from irgen_jax.models import build
 from irgen_jax.models import retriever as retriever_model
-from irgen_jax.trainers import checkpointing, common, loop, optim
-from irgen_jax.trainers import tokenizer as tokenizer_trainer
+from irgen_jax.trainers import loop, optim
+from irgen_jax.trainers.losses import sequence_loss
+from irgen_jax.workdir import RETRIEVER_PARAMS, Workdir
 
 log = logging.getLogger(__name__)
-
-
-def encoder_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The encoder section the retriever's encoder is built from (the tokenizer's when it inherits)."""
-  return c.tokenizer.encoder if c.retriever.encoder_init == "tokenizer" else c.retriever.encoder
-
-
-def build_model(c: ml_collections.ConfigDict) -> retriever_model.Retriever:
-  r, e = c.retriever, encoder_config(c)
-  from_clip = e.init == "clip" if c.retriever.encoder_init == "tokenizer" else r.encoder_init == "clip"
-  dtype = common.compute_dtype(c)
-  enc = common.encoder(e, image_size=c.data.image_size, dtype=dtype, from_clip=from_clip)
-  d = r.decoder
-  return retriever_model.Model(enc, width=d.width, depth=d.depth, num_heads=d.num_heads,
-                               mlp_ratio=d.mlp_ratio, num_levels=c.ids.length,
-                               num_tokens=c.ids.codebook_size, dtype=dtype,
-                               remat=d.get("remat", False))
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -60,23 +46,11 @@ def init_fn(model, tx, c: ml_collections.ConfigDict):
   s, m = c.data.image_size, c.ids.length
 
   def init():
-    params = model.init(common.init_key(c.seed, 3), jnp.zeros((1, s, s, 3), jnp.float32),
+    params = model.init(loop.init_key(c.seed, 3), jnp.zeros((1, s, s, 3), jnp.float32),
                         jnp.zeros((1, m), jnp.int32))["params"]
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(common.init_key(c.seed, 4))}
+            "rng": jax.random.key_data(loop.init_key(c.seed, 4))}
   return init
-
-
-def sequence_loss(logits: jax.Array, codes: jax.Array, label_smoothing: float):
-  """Label-smoothed CE over ``logits float32 [B, M, L]`` of ``codes int [B, M]``, and accuracies."""
-  num_tokens = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(codes, num_tokens), label_smoothing)
-  loss = optax.softmax_cross_entropy(logits, targets).mean()
-  hit = jnp.argmax(logits, -1) == codes
-  metrics = {f"acc_l{m + 1}": hit[:, m].mean() for m in range(codes.shape[1])}
-  metrics["acc_sequence"] = hit.all(axis=1).mean()
-  metrics["nll"] = optax.softmax_cross_entropy_with_integer_labels(logits, codes).sum(-1).mean()
-  return loss, metrics
 
 
 def make_train_step(model, tx, c: ml_collections.ConfigDict):
@@ -120,49 +94,46 @@ def neighbor_candidates(train_features: np.ndarray, train_labels: np.ndarray,
   return out
 
 
-def _pair_sampler(c, ds, workdir, mesh):
-  from irgen_jax.data import pairs
+def _pair_sampler(c, ds, workdir: Workdir, mesh):
   candidates = None
   if c.retriever.targets == "neighbors":
-    db_feats = np.load(os.path.join(workdir, "tokenizer", "database_features.npy"))
+    db_feats = workdir.load_database_features()
     if ds.train is ds.database:
       train_feats = db_feats
     else:
-      tok_model, tok_params = tokenizer_trainer.load_params(c, workdir, ds.num_classes)
-      train_feats = tokenizer_trainer.database_features(tok_model, tok_params, ds.train, c, mesh,
-                                                         description="train features")
+      tok_model, tok_params = workdir.load_tokenizer(c, ds.num_classes)
+      train_feats = features.of_source(tok_model, tok_params, ds.train, c, mesh,
+                                       description="train features")
     candidates = neighbor_candidates(train_feats, ds.labels("train"), db_feats,
                                      ds.labels("database"), c.retriever.num_neighbors)
   return pairs.PairSampler(ds.labels("train"), ds.labels("database"), seed=c.seed,
                            candidates=candidates)
 
 
-def initial_params(c, workdir: str, state_params, num_classes: int):
+def initial_params(c, workdir: Workdir, state_params, num_classes: int):
   """The encoder's starting weights, per ``retriever.encoder_init``; the decoder stays random."""
   params = jax.device_get(state_params)
   if c.retriever.encoder_init == "tokenizer":
-    _, tok_params = tokenizer_trainer.load_params(c, workdir, num_classes)
+    _, tok_params = workdir.load_tokenizer(c, num_classes)
     return dict(params, encoder=jax.device_get(tok_params["encoder"]))
   if c.retriever.encoder_init == "clip":
-    return common.graft_clip(params, c.retriever.encoder.clip_path, at="encoder")
+    return build.graft_clip(params, c.retriever.encoder.clip_path, at="encoder")
   return params
 
 
-def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
-  from irgen_jax.data import pipeline
-
+def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
   r = c.retriever
-  ds = common.load_dataset(c.data)
-  stage = common.stage_dir(workdir, "retriever")
-  codes = tokenizer_trainer.load_identifiers(workdir)["codes"]
+  ds = registry.load_from_config(c.data)
+  stage = workdir.stage_dir("retriever")
+  codes = workdir.load_identifiers()["codes"]
   if codes.shape != (len(ds.database), c.ids.length):
-    raise ValueError(f"The identifiers in {workdir}/tokenizer have shape {codes.shape}; the database "
-                     f"has {len(ds.database)} images and ids.length={c.ids.length}. Was the tokenizer "
-                     "stage run with another config?")
-  model = build_model(c)
+    raise ValueError(f"The identifiers in {workdir.root}/tokenizer have shape {codes.shape}; the "
+                     f"database has {len(ds.database)} images and ids.length={c.ids.length}. Was the "
+                     "tokenizer stage run with another config?")
+  model = build.retriever(c)
   sampler = _pair_sampler(c, ds, workdir, mesh)
   steps_per_epoch = pipeline.steps_per_epoch(len(sampler.eligible), r.batch_size)
-  total = common.epochs_to_steps(r.num_epochs, steps_per_epoch)
+  total = loop.epochs_to_steps(r.num_epochs, steps_per_epoch)
   tx = make_optimizer(c, total)
   state = parallel.create_replicated(init_fn(model, tx, c), mesh)
 
@@ -183,22 +154,14 @@ def run(c: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, Any]:
                      keep_checkpoints=c.checkpoint.keep, log_every=c.log_every_steps,
                      starting_state=starting_state, description="retriever")
   # orbax's save is collective: every process calls it, process 0 writes, all wait for the commit.
-  checkpointing.save_params(os.path.join(stage, "params"), jax.device_get(state["params"]))
+  workdir.save_params(RETRIEVER_PARAMS, state["params"])
   counts = retriever_model.param_counts(model, (c.data.image_size, c.data.image_size, 3))
   return {"steps": total, "param_counts": counts}
 
 
-def load_params(c, workdir: str):
-  """The trained retriever ``(model, params)`` from ``WORKDIR/retriever/params``."""
-  model = build_model(c)
-  tx = optax.identity()
-  template = jax.eval_shape(init_fn(model, tx, c))["params"]
-  return model, checkpointing.load_params(os.path.join(workdir, "retriever", "params"), template)
-
-
 def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   """The train step as ``(jitted, abstract args)`` for ahead-of-time compilation (shapes only)."""
-  model = build_model(c)
+  model = build.retriever(c)
   tx = make_optimizer(c, total_steps=1000)
   rep, sharded = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
@@ -206,11 +169,6 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   s, b = c.data.image_size, c.retriever.batch_size
   batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=sharded),
            "target_index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
-  from irgen_jax.data import registry
-  num_db = (c.data.synthetic.num_database if c.data.name == "synthetic"
-            else registry.NUM_DATABASE.get(c.data.name))
-  if not num_db:
-    raise ValueError(f"config.data.name={c.data.name!r}: its database size is not known without the "
-                     "data; ahead-of-time compilation supports the catalogue datasets.")
+  num_db = registry.database_size(c.data)
   table = jax.ShapeDtypeStruct((num_db, c.ids.length), jnp.int32, sharding=rep)
   return {"retriever_train_step": (make_train_step(model, tx, c), (state, batch, table))}
