@@ -6,7 +6,7 @@
 Preparing the TFDS data needs TensorFlow once (see README). `:runlocal` uses generated stand-in data.
 """
 
-from irgen_jax import config_lib
+from irgen_jax import config_lib, sweeps
 
 
 def get_config(arg=None):
@@ -24,3 +24,9 @@ def get_config(arg=None):
     # runlocal run; here it would cost ~1 min of compiles per config on 2 cores.
     c.eval.agreement_queries = 0
   return c
+
+
+def get_sweeps(arg=None):
+  """Sweeps of this config (``python launch/sweep.py --sweep=NAME``): ``seeds`` (3 seeds), ``ids_kind``
+  (Table 3), ``ids_length`` (Table 4)."""
+  return sweeps.standard(get_config(arg))

@@ -9,7 +9,7 @@ a small ViT trained from scratch on 28x28 inputs (no CLIP: Fashion-MNIST is far 
 and a 2-core CPU cannot run ViT-B), a 3-block decoder over the frozen stage-1 encoder.
 """
 
-from irgen_jax import config_lib
+from irgen_jax import config_lib, sweeps
 
 
 def get_config(arg=None):
@@ -46,3 +46,11 @@ def get_config(arg=None):
     c.tokenizer.encoder.patch_size = 7  # 28x28 inputs: runlocal_sizes' patch 8 does not divide them
     c.retriever.encoder.patch_size = 7
   return c
+
+
+def get_sweeps(arg=None):
+  """Sweeps of this config (``python launch/sweep.py --sweep=NAME``): the shared ones (``seeds``: 3
+  seeds; ``ids_kind``: Table 3; ``ids_length``: Table 4) and ``beam_size`` (does a wider beam help?)."""
+  c = get_config(arg)
+  b = c.search.beam_size
+  return {**sweeps.standard(c), "beam_size": sweeps.values("search.beam_size", [b, 2 * b])}

@@ -16,7 +16,7 @@ stratified (``registry.indexed_split``), whatever the seed. Arguments are config
 import importlib.util
 import os
 
-from irgen_jax import config_lib
+from irgen_jax import config_lib, sweeps
 
 
 def _base():
@@ -33,3 +33,9 @@ def get_config(arg=None):
   c = _base().get_config(f"runlocal={arg.runlocal},seed={arg.seed}")
   c.data.indexed_fraction = arg.fraction
   return c
+
+
+def get_sweeps(arg=None):
+  """Sweeps of this config (``python launch/sweep.py --sweep=NAME``): ``seeds`` (3 seeds), ``ids_kind``
+  (Table 3), ``ids_length`` (Table 4)."""
+  return sweeps.standard(get_config(arg))

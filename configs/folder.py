@@ -19,7 +19,7 @@ from a paper config. Arguments: ``data_dir`` (required), ``image_size``, ``resiz
 
 import os
 
-from irgen_jax import config_lib
+from irgen_jax import config_lib, sweeps
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                      ".pbm")  # = irgen_jax.data.images.IMAGE_EXTENSIONS (kept import-light here)
@@ -84,3 +84,8 @@ def get_config(arg=None):
     c.log_every_steps = 2
   return c
 
+
+def get_sweeps(arg=None):
+  """Sweeps of this config (``python launch/sweep.py --sweep=NAME``): ``seeds`` (3 seeds), ``ids_kind``
+  (Table 3), ``ids_length`` (Table 4)."""
+  return sweeps.standard(get_config(arg))

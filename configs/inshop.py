@@ -8,7 +8,7 @@ Query split vs gallery (database); positives share the item id. Trained on train
 `:runlocal` runs the same code on generated stand-in data (16 classes, 128x128 RGB) on a CPU.
 """
 
-from irgen_jax import config_lib
+from irgen_jax import config_lib, sweeps
 
 
 def get_config(arg=None):
@@ -28,3 +28,9 @@ def get_config(arg=None):
     c.eval.agreement_queries = 0
     c.eval.update(ks=(1, 10, 20, 30))
   return c
+
+
+def get_sweeps(arg=None):
+  """Sweeps of this config (``python launch/sweep.py --sweep=NAME``): ``seeds`` (3 seeds), ``ids_kind``
+  (Table 3), ``ids_length`` (Table 4)."""
+  return sweeps.standard(get_config(arg))

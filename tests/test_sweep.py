@@ -1,17 +1,33 @@
-"""launch/sweep.py (the paper's identifier ablations as runs, and their table) and configs/folder.py."""
+"""Config sweeps (``irgen_jax.sweeps``, ``launch/sweep.py``, ``evaluators.sweep_report``) and configs/folder.py.
+
+- The combinators, and the sweeps every config declares: the paper's identifier-kind and -length
+  ablations as commands (``--print``), with the kinds reusing one trained tokenizer.
+- The report from fake runs: per setting mean and standard deviation over seeds, counts, the IRGen −
+  linear scan difference per seed.
+- A declared sweep of 2 values x 2 seeds at runlocal size, run for real: sequentially, then with
+  ``--parallel=2`` in a second root killed half-way and restarted; both reports equal, and equal to the
+  runs' own metrics.json. An unknown field fails before any run starts.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
+from irgen_jax import sweeps
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNLOCAL = "configs/fashion_mnist.py:runlocal"
 
 
 def _load(path, name):
@@ -29,76 +45,204 @@ def _flags(argv):
   return dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
 
 
-def test_print_kind_sweep(tmp_path):
+def _printed(capsys, *argv):
+  assert sweep.main([*argv, "--print"]) == 0
+  return [_flags(shlex.split(line.split("  #")[0])) for line in capsys.readouterr().out.splitlines()
+          if line.startswith("python -m")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Combinators and declared sweeps
+
+
+def test_combinators():
+  a, b = sweeps.values("x", [1, 2]), sweeps.values("y", ["p", "q"])
+  assert sweeps.product(a, b) == [{"x": 1, "y": "p"}, {"x": 1, "y": "q"}, {"x": 2, "y": "p"},
+                                  {"x": 2, "y": "q"}]
+  assert sweeps.zipped(a, b) == [{"x": 1, "y": "p"}, {"x": 2, "y": "q"}]
+  assert sweeps.chain(a, sweeps.point({"z": 0})) == [{"x": 1}, {"x": 2}, {"z": 0}]
+  assert sweeps.seeds(3) == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+  with pytest.raises(ValueError, match="two parts"):
+    sweeps.product(a, a)
+  with pytest.raises(ValueError, match="different lengths"):
+    sweeps.zipped(a, sweeps.values("y", [1, 2, 3]))
+  r = sweeps.reuse(set={"k": "base"}, drop=("extra",))
+  assert r.target({"k": "other", "extra": 5, "seed": 1, "from": r}) == {"k": "base", "seed": 1}
+
+
+def test_print_kind_sweep(tmp_path, capsys):
   root = str(tmp_path / "kind")
-  proc = subprocess.run(
-      [sys.executable, "launch/sweep.py", "--sweep=ids_kind", "--config=configs/fashion_mnist.py:runlocal",
-       f"--workdir={root}", "--print", "--config.data.data_dir=/data/tfds"],
-      capture_output=True, text=True, cwd=REPO, timeout=120)
-  assert proc.returncode == 0, proc.stderr
-  lines = [l for l in proc.stdout.splitlines() if l and not l.startswith("#")]
-  runs = [shlex.split(l) for l in lines[:-1]]
-  assert lines[-1] == f"python launch/sweep.py --sweep=ids_kind --workdir={root} --collect"
-  assert len(runs) == 5
-  flags = [_flags(r) for r in runs]
-  assert all(r[:3] == ["python", "-m", "irgen_jax.main"] for r in runs)
-  assert all(f["config"] == "configs/fashion_mnist.py:runlocal" for f in flags)
-  assert all(f["config.data.data_dir"] == "/data/tfds" for f in flags)
-  assert [f["workdir"] for f in flags] == [os.path.join(root, n)
-                                          for n in ("semantic", "random", "hkm_100", "hkm_200", "hkm_500")]
+  flags = _printed(capsys, f"--config={RUNLOCAL}", "--sweep=ids_kind", f"--workdir={root}",
+                   "--config.data.data_dir=/data/tfds")
+  assert len(flags) == 5
+  assert all(f["config"] == RUNLOCAL and f["config.data.data_dir"] == "/data/tfds" for f in flags)
   assert [f["config.ids.kind"] for f in flags] == ["semantic", "random", "hkm", "hkm", "hkm"]
   assert [f.get("config.ids.hkm_clusters") for f in flags] == [None, None, "100", "200", "500"]
   # runlocal has L=16 tokens per level: HKM with k clusters needs k.
   assert [f.get("config.ids.codebook_size") for f in flags] == [None, None, "100", "200", "500"]
-  # Every run but the first reuses the first run's tokenizer.
+  # Every kind but ours reuses the semantic point's trained tokenizer.
   assert "config.tokenizer.reuse_from" not in flags[0]
-  assert all(f["config.tokenizer.reuse_from"] == os.path.join(root, "semantic") for f in flags[1:])
+  assert all(f["config.tokenizer.reuse_from"] == flags[0]["workdir"] for f in flags[1:])
+  assert flags[0]["workdir"] == os.path.join(root, "kind=semantic")
+  assert os.path.exists(os.path.join(root, "ids_kind.plan.json"))
+
+
+def test_print_kind_sweep_with_seeds_reuses_the_same_seed(tmp_path, capsys):
+  flags = _printed(capsys, f"--config={RUNLOCAL}", "--sweep=ids_kind", "--seeds=2",
+                   f"--workdir={tmp_path}")
+  assert len(flags) == 10
+  semantic = {f["config.seed"]: f["workdir"] for f in flags if f["config.ids.kind"] == "semantic"}
+  for f in flags:
+    if f["config.ids.kind"] != "semantic":
+      assert f["config.tokenizer.reuse_from"] == semantic[f["config.seed"]]
 
 
 def test_print_length_sweep_and_paper_sized_hkm(tmp_path, capsys):
-  assert sweep.main(["--sweep=ids_length", "--config=configs/fashion_mnist.py",
-                     f"--workdir={tmp_path}", "--print"]) == 0
-  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("python -m")]
-  flags = [_flags(shlex.split(l)) for l in lines]
+  flags = _printed(capsys, "--config=configs/fashion_mnist.py", "--sweep=ids_length",
+                   f"--workdir={tmp_path}")
   assert [f["config.ids.length"] for f in flags] == ["2", "4", "6", "8"]
-  assert [f["workdir"] for f in flags] == [str(tmp_path / f"M{m}") for m in (2, 4, 6, 8)]
+  assert [f["workdir"] for f in flags] == [str(tmp_path / f"length={m}") for m in (2, 4, 6, 8)]
   assert not any("config.tokenizer.reuse_from" in f for f in flags)
   # At the paper's L=256 only HKM_500 needs more tokens per level.
-  hkm = {r.name: r.overrides for r in sweep.runs("ids_kind", codebook_size=256)}
-  assert "ids.codebook_size" not in hkm["hkm_200"] and hkm["hkm_500"]["ids.codebook_size"] == 500
-  with pytest.raises(SystemExit):
-    sweep.main(["--sweep=ids_size", f"--workdir={tmp_path}", "--print"])
+  hkm = {p.get("ids.hkm_clusters"): p for p in sweeps.ids_kind(256)}
+  assert "ids.codebook_size" not in hkm[200] and hkm[500]["ids.codebook_size"] == 500
 
 
-def _fake_metrics(path, p1, dataset="fashion_mnist"):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  irgen = {"precision@1": p1, "precision@10": p1 / 2, "recall@1": p1, "recall@10": 0.9,
-           "map@100": 0.25, "mrr@10": 0.5, "qps": 100.0}
+@pytest.mark.parametrize("argv,message", [
+    (["--sweep=ids_size"], "declares no such sweep"),
+    (["--grid=tokenizer.lambda_2=0,1"], "lambda_2"),
+    (["--grid=tokenizer.lambda2=0,fast"], "tokenizer.lambda2='fast'"),
+    (["--sweep=seeds", "--seeds=2"], "sets the seed itself"),
+])
+def test_bad_sweeps_fail_before_any_run(tmp_path, argv, message):
+  proc = subprocess.run([sys.executable, "launch/sweep.py", f"--config={RUNLOCAL}",
+                         f"--workdir={tmp_path / 'root'}", *argv], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+  assert not os.path.exists(tmp_path / "root" / "logs")  # nothing ran
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def _fake_run(root, name, p10, scan_p10):
+  path = os.path.join(root, name, "report", "metrics.json")
+  os.makedirs(os.path.dirname(path))
+  irgen = {"precision@1": p10, "precision@10": p10, "recall@10": 0.9, "map@100": 0.25, "qps": 100.0}
   with open(path, "w") as f:
-    json.dump({"dataset": dataset, "num_database": 512, "num_queries": 64, "ks": [1, 10],
-               "methods": {"irgen": irgen, "linear_scan": dict(irgen, **{"precision@1": 0.99})}}, f)
+    json.dump({"dataset": "fashion_mnist", "ks": [1, 10],
+               "methods": {"irgen": irgen, "linear_scan": dict(irgen, **{"precision@10": scan_p10})}}, f)
+  return path
 
 
-def test_collect_builds_the_table(tmp_path, capsys):
-  for name, p1 in (("semantic", 0.8), ("random", 0.3), ("hkm_100", 0.5), ("hkm_200", 0.55)):
-    _fake_metrics(tmp_path / name / "report" / "metrics.json", p1)
-  assert sweep.main(["--sweep=ids_kind", f"--workdir={tmp_path}", "--collect"]) == 0
-  table = (tmp_path / "ids_kind.md").read_text()
-  assert capsys.readouterr().out.startswith(table)
-  rows = [l for l in table.splitlines() if l.startswith("|")]
-  assert rows[0] == "| Setting | P@1 | P@10 | R@1 | R@10 | MAP@100 | Database | Queries |"
-  assert rows[2] == "| Ours (semantic) | 80.0 | 40.0 | 80.0 | 90.0 | 25.0 | 512 | 64 |"
-  assert rows[3].startswith("| Random | 30.0 | 15.0 |")
-  assert [r.split("|")[1].strip() for r in rows[2:]] == [
-      "Ours (semantic)", "Random", "HKM_100", "HKM_200", "HKM_500"]
-  assert rows[-1] == "| HKM_500 | – | – | – | – | – | – | – |"
-  assert "Not finished (no report/metrics.json): hkm_500." in table
-  assert "Identifier kind (Table 3 layout)" in table
+def test_report_aggregates_seeds(tmp_path):
+  from irgen_jax.evaluators import sweep_report
+  values = {("a", 0): (0.80, 0.75), ("a", 1): (0.82, 0.76), ("a", 2): (0.84, 0.74), ("b", 0): (0.5, 0.7)}
+  runs, metrics = [], {}
+  for (setting, seed), (p10, scan) in values.items():
+    name = f"x={setting}__seed={seed}"
+    with open(_fake_run(str(tmp_path), name, p10, scan)) as f:
+      metrics[name] = json.load(f)
+    runs.append({"name": name, "setting": {"x": setting}, "seed": seed, "status": "finished"})
+  runs.append({"name": "x=b__seed=1", "setting": {"x": "b"}, "seed": 1, "status": "not finished"})
+  rep = sweep_report.report(sweep="t", config="c.py", root=str(tmp_path), runs=runs, metrics=metrics)
+  a, b = rep["settings"]
+  assert (a["label"], a["num_seeds"], b["num_seeds"]) == ("x=a", 3, 1)
+  p10 = a["methods"]["irgen"]["precision@10"]
+  assert p10["mean"] == pytest.approx(0.82) and p10["std"] == pytest.approx(np.std([.8, .82, .84], ddof=1))
+  assert b["methods"]["irgen"]["precision@10"]["std"] is None  # one seed: no spread
+  diff = a["irgen_minus_linear_scan"]["precision@10"]
+  assert diff["values"] == pytest.approx([0.05, 0.06, 0.10]) and diff["mean"] == pytest.approx(0.07)
+  md = sweep_report.markdown(rep)
+  assert "| x=a | 3 | 82.0 ± 2.0 | 82.0 ± 2.0 |" in md
+  assert "+5.0, +6.0, +10.0" in md
+  assert "| x=b__seed=1 | 1 | not finished | irgen |" in md
+  paths = sweep_report.write(str(tmp_path), rep)
+  assert json.load(open(paths["json"]))["settings"][0]["num_seeds"] == 3
+  assert open(paths["png"], "rb").read(4) == b"\x89PNG"
 
-  _fake_metrics(tmp_path / "len" / "M4" / "report" / "metrics.json", 0.7)
-  table = sweep.collect("ids_length", str(tmp_path / "len"))
-  assert "Identifier length M (Table 4 layout)" in table
-  assert "| M = 4 | 70.0 |" in table and "| M = 2 | – |" in table
+
+# --------------------------------------------------------------------------------------------------
+# A real sweep at runlocal size
+
+# Small and quick: one epoch per stage, no exact-scoring check, one baseline (the difference needs it).
+CHEAP = ["--config.tokenizer.num_epochs=1.0", "--config.retriever.num_epochs=1.0",
+         "--config.eval.agreement_queries=0", "--config.eval.baselines=('linear_scan',)"]
+
+
+def _sweep_cmd(root, data_dir, *extra):
+  return [sys.executable, "launch/sweep.py", f"--config={RUNLOCAL}", "--sweep=beam_size", "--seeds=2",
+          f"--workdir={root}", f"--config.data.data_dir={data_dir}", *CHEAP, *extra]
+
+
+def _env(cache):
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def _settings_without_paths(root):
+  with open(os.path.join(root, "beam_size.json")) as f:
+    rep = json.load(f)
+  for s in rep["settings"]:
+    for m in s["methods"].values():
+      for k in [k for k in m if k.startswith(("qps", "search_s", "encode_s", "build_s"))]:
+        del m[k]
+  return rep["settings"]
+
+
+@pytest.mark.slow
+def test_declared_sweep_sequential_and_parallel_with_a_kill(fashion_runlocal_workdir, tmp_path):
+  _, data_dir = fashion_runlocal_workdir
+  cache = tmp_path / "xla_cache"
+  seq = tmp_path / "sequential"
+  # One CPU per point, as each of the two parallel points below gets: equal threads, equal bytes.
+  proc = subprocess.run(_sweep_cmd(seq, data_dir, "--cpus_per_point=1"), cwd=REPO,
+                        capture_output=True, text=True, timeout=1800, env=_env(cache))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  settings = _settings_without_paths(seq)
+  assert [(s["label"], s["num_seeds"]) for s in settings] == [("search.beam_size=8", 2),
+                                                             ("search.beam_size=16", 2)]
+  # The report's numbers are the runs' own.
+  for s in settings:
+    for method in ("irgen", "linear_scan"):
+      for key in ("precision@1", "precision@10", "recall@10", "map@100"):
+        got = s["methods"][method][key]
+        mine = []
+        for name in s["runs"]:
+          with open(seq / name / "report" / "metrics.json") as f:
+            mine.append(json.load(f)["methods"][method][key])
+        assert got["values"] == mine and got["n"] == 2
+        assert got["mean"] == pytest.approx(np.mean(mine)) and got["std"] == pytest.approx(
+            np.std(mine, ddof=1))
+        if method == "irgen":
+          assert math.isfinite(s["irgen_minus_linear_scan"][key]["mean"])
+
+  # In parallel, killed (the whole process group) once the first point has finished, then restarted.
+  par = tmp_path / "parallel"
+  runner = subprocess.Popen(_sweep_cmd(par, data_dir, "--parallel=2"), cwd=REPO, env=_env(cache),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+  deadline = time.monotonic() + 1200
+  while time.monotonic() < deadline and runner.poll() is None:
+    if par.exists() and any((par / d / "evaluate" / "done.json").exists() for d in os.listdir(par)):
+      break
+    time.sleep(1)
+  os.killpg(runner.pid, signal.SIGKILL)
+  runner.wait()
+  done = [d for d in os.listdir(par) if (par / d / "evaluate" / "done.json").exists()]
+  assert 1 <= len(done) < 4, done  # killed half-way
+  proc = subprocess.run(_sweep_cmd(par, data_dir, "--parallel=2"), cwd=REPO, capture_output=True,
+                        text=True, timeout=1800, env=_env(cache))
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert proc.stdout.count("already finished") == len(done)
+  assert _settings_without_paths(par) == settings
+
+
+# --------------------------------------------------------------------------------------------------
+# configs/folder.py
 
 
 def test_folder_config_fits_a_tiny_folder(tmp_path):
