@@ -9,11 +9,17 @@ Figures (JSON keys), and the target each is read against (never asserted):
   flops_fraction            achieved FLOP/s of a batched search / FLOP/s of a plain matmul            (>= 0.5)
   speedup_vs_reference_b10  per-query time of the reference algorithm / ours, B = K = 10
   speedup_vs_reference_b30  same at B = K = 30
+  encoder_ms_per_query_batch{1,16}, search_ms_per_query_b{10,30}_batch{1,16}, decoder_ms_per_query_...
+                            (--parts latency) the whole query (encoder + cross-attention K/V + M steps +
+                            identifiers -> images) and its parts, with FLOP/s against a matmul, a
+                            profile of where the time goes and the batch-1 memory-bandwidth floor
   bytes_per_node            index bytes per internal trie node                                       (<= 64)
   dict_trie_ratio           bytes of a Python dict-of-dicts trie / bytes of the index, same codes    (>= 20)
 
-Parts (--parts): memory (no model needed), gallery, overhead, flops, reference (these need the real
-retriever, irgen_jax/models/retriever.py, and the ViT encoder, irgen_jax/models/vit.py).
+Parts (--parts): memory (no model needed), gallery, overhead, flops, latency, length, reference (these need
+the real retriever, irgen_jax/models/retriever.py, and the ViT encoder, irgen_jax/models/vit.py).
+``length``: search_ms_per_query_{unroll,scan}_m{M} and compile times for M = 4, 8, 16, 64, 256 (the
+scanned levels of long identifiers against the unrolled steps; 8 queries, B = 10, N = 10,000).
 
 Presets: ``cpu`` (default) is a CPU-sized retriever: ViT encoder 32x32 images, patch 4 (65 tokens), width 128,
 depth 2; decoder width 256, 4 blocks, 4 heads; M = 4, L = 256; 64 queries per batch. ``paper`` is the
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -228,6 +235,115 @@ def bench_overhead(mb: ModelBench, beam: int, n: int) -> dict[str, float]:
           "xla_extra_bytes": masked.get("bytes", np.nan) / unmasked.get("bytes", np.nan) - 1}
 
 
+def bench_latency(mb: ModelBench, n: int = 10_000) -> dict[str, Any]:
+  """Per-query latency of the whole query at batch 1 and 16 (encoder + cross-attention keys/values +
+  M decode steps + identifiers -> images), B = 10 and 30, and of the encoder alone; achieved FLOP/s of
+  each against a plain matmul and a memory stream timed in the same interleaved runs; and where the
+  time goes (``profile``: encoder, cross-attention K/V, decode steps, each timed on its own, with
+  XLA's FLOP and byte counts)."""
+  p = mb.p
+  arrays = Index.build(synthetic_codes(n, p), p.num_tokens).device_arrays()
+  encode = jax.jit(lambda params, x: retriever.encode(mb.model, params, x))
+  context = jax.jit(lambda params, tokens: mb.model.apply({"params": params}, tokens,
+                                                          method=retriever.Retriever.context_from_tokens))
+  from_tokens = program.retriever_decode_fns(mb.model, from_tokens=True)
+  fns, shapes = {}, {}
+  for batch in (1, 16):
+    q = jnp.asarray(mb.queries(batch))
+    tokens = encode(mb.params, q)
+    fns[f"encoder_batch{batch}"] = lambda q=q: encode(mb.params, q)
+    fns[f"cross_kv_batch{batch}"] = lambda t=tokens: context(mb.params, t)
+    for beam in p.beams:
+      fns[f"search_b{beam}_batch{batch}"] = search_fn(mb, arrays, q, beam, beam)
+      fns[f"from_tokens_b{beam}_batch{batch}"] = (
+          lambda t=tokens, b=beam: bs.beam_search(from_tokens, mb.params, arrays, t, beam_size=b,
+                                                  top_k=b).image_ids)
+      shapes[(beam, batch)] = (q, tokens)
+  e = p.dec_width
+  a = jax.random.normal(jax.random.key(1), (16 * max(p.beams), e), jnp.float32)
+  w = jax.random.normal(jax.random.key(2), (e, 4 * e), jnp.float32)
+  stream = jnp.ones((64 << 20,), jnp.float32)  # 256 MB: read once per call
+  fns["matmul"] = lambda: jnp.dot(a, w)
+  fns["stream"] = lambda: jnp.sum(stream)
+  t = interleaved_times(fns, max(3, p.repeats // 2))
+  matmul_rate = 2 * a.shape[0] * e * 4 * e / t["matmul"]
+  bandwidth = stream.nbytes / t["stream"]
+  out: dict[str, Any] = {"matmul_gflops": matmul_rate / 1e9, "memory_gb_per_s": bandwidth / 1e9}
+  decoder_bytes = sum(x.nbytes for x in jax.tree.leaves(mb.params["decoder"]))
+  for batch in (1, 16):
+    enc = analytic_flops(p, batch, 1)["encoder"]
+    out[f"encoder_ms_per_query_batch{batch}"] = 1e3 * t[f"encoder_batch{batch}"] / batch
+    out[f"encoder_of_matmul_batch{batch}"] = enc / t[f"encoder_batch{batch}"] / matmul_rate
+    for beam in p.beams:
+      f = analytic_flops(p, batch, beam)
+      total = t[f"search_b{beam}_batch{batch}"]
+      steps = t[f"from_tokens_b{beam}_batch{batch}"] - t[f"cross_kv_batch{batch}"]
+      out[f"search_ms_per_query_b{beam}_batch{batch}"] = 1e3 * total / batch
+      out[f"decoder_ms_per_query_b{beam}_batch{batch}"] = 1e3 * (total - t[f"encoder_batch{batch}"]) / batch
+      out[f"search_of_matmul_b{beam}_batch{batch}"] = f["total"] / total / matmul_rate
+      out[f"decoder_of_matmul_b{beam}_batch{batch}"] = (
+          (f["cross_kv"] + f["decode"]) / (total - t[f"encoder_batch{batch}"]) / matmul_rate)
+      out[f"profile_b{beam}_batch{batch}"] = {
+          "encoder_ms": 1e3 * t[f"encoder_batch{batch}"], "cross_kv_ms": 1e3 * t[f"cross_kv_batch{batch}"],
+          "decode_steps_ms": 1e3 * steps, "decode_steps_gflops": f["decode"] / steps / 1e9,
+          "encoder_gflops": f["encoder"] / t[f"encoder_batch{batch}"] / 1e9}
+  # Batch 1 reads every decoder weight at each of the M steps: what that costs at this bandwidth.
+  out["batch1_decoder_floor_ms"] = 1e3 * p.num_levels * decoder_bytes / bandwidth
+  out["decoder_weight_mb"] = decoder_bytes / 1e6
+  q, tokens = shapes[(max(p.beams), 16)]
+  out["xla_cost_b30_batch16"] = {
+      "search": _cost(jax.jit(lambda x: bs.beam_search(mb.fns, mb.params, arrays, x, beam_size=max(p.beams),
+                                                       top_k=max(p.beams)).image_ids), q),
+      "cross_kv": _cost(jax.jit(lambda x: context(mb.params, x)), tokens),
+      "encoder": _cost(jax.jit(lambda x: encode(mb.params, x)), q)}
+  return out
+
+
+def bench_length(p: Preset, lengths: tuple[int, ...] = (4, 8, 16, 64, 256), beam: int = 10,
+                 n: int = 10_000, queries: int = 8, unroll_max: int = 64) -> dict[str, Any]:
+  """Per-query search time against the identifier length M: the unrolled steps against the scanned
+  ones (``beam_search(loop=...)``), each with its compile time; a preset's model with M positions,
+  N random identifiers. The unrolled program grows with M (one program per step), so it is timed up to
+  ``unroll_max`` only."""
+  out: dict[str, Any] = {"beam": beam, "n": n, "queries": queries}
+  for m in lengths:
+    mp = dataclasses.replace(p, num_levels=m)
+    mb = ModelBench(mp)
+    index = Index.build(synthetic_codes(n, mp), mp.num_tokens)
+    arrays = index.device_arrays()
+    q = jnp.asarray(mb.queries(queries))
+    fns = {}
+    for loop in ("unroll", "scan"):
+      if loop == "unroll" and m > unroll_max:
+        continue
+      run = functools.partial(bs.beam_search, mb.fns, mb.params, arrays, q, beam_size=beam, top_k=beam,
+                              loop=loop)
+      t = time.perf_counter()
+      block(run().image_ids)
+      out[f"compile_s_{loop}_m{m}"] = time.perf_counter() - t
+      fns[loop] = lambda run=run: run().image_ids
+    s0, s1 = bs.scanned_levels(arrays, bs.beam_widths(beam, m), "scan")
+    out[f"scanned_levels_m{m}"] = [s0, s1]
+    out[f"index_bytes_per_image_m{m}"] = index.bytes_per_image
+    times = interleaved_times(fns, max(2, p.repeats // 2))
+    for loop, sec in times.items():
+      out[f"search_ms_per_query_{loop}_m{m}"] = 1e3 * sec / queries
+    if len(times) == 2:
+      out[f"scan_over_unroll_m{m}"] = times["scan"] / times["unroll"]
+    print(f"M={m}: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in out.items() if k.endswith(f"_m{m}")), flush=True)
+    del mb, arrays
+    gc.collect()
+  return out
+
+
+def _cost(jitted, *args) -> dict[str, float]:
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"gflop": float(cost.get("flops", np.nan)) / 1e9,
+          "gb_accessed": float(cost.get("bytes accessed", np.nan)) / 1e9} if cost else {}
+
+
 def analytic_flops(p: Preset, queries: int, beam: int) -> dict[str, float]:
   """FLOPs of one batched search (2 per multiply-add), counted from the model's shapes.
 
@@ -244,7 +360,8 @@ def analytic_flops(p: Preset, queries: int, beam: int) -> dict[str, float]:
   # Per new token and block: self q,k,v,out 8e^2; cross q,out 4e^2; MLP 16e^2; attention over the prefix
   # (<= M+1 positions) and the encoder tokens; then the e x L output layer.
   per_token = p.dec_depth * (28 * e * e + 4 * (p.num_levels + 1) * e + 4 * t_enc * e) + 2 * e * p.num_tokens
-  tokens = queries * beam * p.num_levels
+  # The root is decoded once per query (every beam would see the same prefix), then B beams per level.
+  tokens = queries * (1 + beam * (p.num_levels - 1))
   return {"encoder": queries * encoder, "cross_kv": queries * cross_kv, "decode": tokens * per_token,
           "total": queries * (encoder + cross_kv) + tokens * per_token}
 
@@ -401,6 +518,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    f"{f['search_gflops']:.1f} GFLOP/s (analytic {f['analytic_gflop']:.2f} GFLOP/batch, "
                    f"XLA {f['xla_gflop']:.2f}) vs matmul {f['matmul_gflops']:.1f} GFLOP/s"))
       print(rows[-1], flush=True)
+    if "latency" in parts:
+      lat = bench_latency(mb, p.gallery_sizes[0])
+      figures.update({k: v for k, v in lat.items()}, latency=lat)
+      for key in sorted(k for k in lat if k.startswith(("encoder_ms", "search_ms", "decoder_ms"))):
+        rows.append((key, f"{lat[key]:.1f} ms", "", ""))
+      rows.append(("batch1_decoder_floor_ms", f"{lat['batch1_decoder_floor_ms']:.1f} ms", "",
+                   f"{p.num_levels} x {lat['decoder_weight_mb']:.0f} MB of decoder weights at "
+                   f"{lat['memory_gb_per_s']:.1f} GB/s"))
+      for r in rows[-9:]:
+        print(r, flush=True)
+    if "length" in parts:
+      ln = bench_length(p)
+      figures.update(length=ln)
+      for m in (4, 8, 16, 64, 256):
+        scan = ln.get(f"search_ms_per_query_scan_m{m}")
+        unroll = ln.get(f"search_ms_per_query_unroll_m{m}")
+        rows.append((f"search_ms_per_query_m{m}", f"{scan:.1f} ms (scan)", "",
+                     (f"unrolled {unroll:.1f} ms; " if unroll is not None else "unrolled: not timed; ")
+                     + f"compile scan {ln[f'compile_s_scan_m{m}']:.0f} s"
+                     + (f", unrolled {ln[f'compile_s_unroll_m{m}']:.0f} s" if unroll is not None else "")
+                     + f"; B={ln['beam']}, {ln['queries']} q/batch, N={ln['n']:,}"))
+        print(rows[-1], flush=True)
     if "reference" in parts:
       r = bench_reference(mb, p.gallery_sizes[0])
       figures.update({k: v for k, v in r.items() if k.startswith("speedup")}, reference=r)

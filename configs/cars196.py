@@ -19,9 +19,6 @@ def get_config(arg=None):
     c.data.update(name="synthetic", image_size=32, resize_size=36,
                   synthetic=dict(num_classes=20, image_shape=(120, 180, 3), num_database=256,
                                  num_queries=32))
-    # Beam agreement (search_exact: one compile per doubled beam) is checked by the Fashion-MNIST
-    # runlocal run; here it would cost ~1 min of compiles per config on 2 cores.
-    c.eval.agreement_queries = 0
   return c
 
 

@@ -27,7 +27,10 @@ def get_config(arg=None):
   c.tokenizer.encoder.update(encoder)
   c.tokenizer.update(batch_size=256, num_epochs=4.0, lr=2e-3, encoder_lr_mult=1.0,
                      warmup_steps=200, grad_clip=1.0, lambda1=1.0, lambda2=0.1,
-                     refit_max_images=20000)
+                     refit_max_images=20000, first_refit_steps=200)
+  # The first codebook fit at the end of warm-up, not on the random network's features: those codebooks
+  # are left behind within the epoch and pulled the features toward stale codewords (the RQ loss rose
+  # to ~540 by step 150). Measured, seed 0: P@10 87.6 vs the scan's 85.4 (before: 85.9 vs 84.0).
   c.retriever.encoder.update(encoder)
   # The retriever keeps the stage-1 encoder frozen: it was trained on these very images for their
   # classes, and freezing skips its backward pass (the retriever step costs half: 15 vs 30 GFLOP).
@@ -35,9 +38,7 @@ def get_config(arg=None):
                      encoder_lr_mult=0.0, warmup_steps=200, grad_clip=1.0)
   c.retriever.decoder.update(depth=3, width=128, num_heads=4)
   c.search.update(beam_size=30, query_batch_size=256)
-  # Beam agreement needs the exact top-K under the model; where wider beams cannot certify it, that
-  # means scoring all ~60k identifiers (~1e11 FLOP a query here), so a small sample.
-  c.eval.update(ks=(1, 2, 4, 8, 10, 20, 30), ivf_nlist=100, agreement_queries=32)
+  c.eval.update(ks=(1, 2, 4, 8, 10, 20, 30), ivf_nlist=100)
   c.checkpoint.every_steps = 500
 
   if arg.runlocal:

@@ -68,7 +68,7 @@ def get_config(arg=None):
                      encoder_lr_mult=0.1, warmup_steps=warmup, grad_clip=1.0)
   c.retriever.decoder.update(depth=3, width=128, num_heads=4)
   c.search.update(beam_size=30, query_batch_size=64)
-  c.eval.update(ks=(1, 2, 4, 8, 10, 20), ivf_nlist=100, agreement_queries=100)
+  c.eval.update(ks=(1, 2, 4, 8, 10, 20), ivf_nlist=100)
   c.checkpoint.every_steps = 200
   c.log_every_steps = 20
 
@@ -79,7 +79,7 @@ def get_config(arg=None):
     c.retriever.decoder.update(depth=1, width=32, num_heads=2)
     c.ids.codebook_size = 16
     c.search.update(beam_size=8, query_batch_size=32)
-    c.eval.update(agreement_queries=0, gallery_queries=4)
+    c.eval.update(gallery_queries=4)
     c.checkpoint.every_steps = 4
     c.log_every_steps = 2
   return c

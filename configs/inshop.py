@@ -23,9 +23,6 @@ def get_config(arg=None):
     c.data.update(name="synthetic", image_size=32, resize_size=36,
                   synthetic=dict(num_classes=16, image_shape=(128, 128, 3), num_database=256,
                                  num_queries=32))
-    # Beam agreement (search_exact: one compile per doubled beam) is checked by the Fashion-MNIST
-    # runlocal run; here it would cost ~1 min of compiles per config on 2 cores.
-    c.eval.agreement_queries = 0
     c.eval.update(ks=(1, 10, 20, 30))
   return c
 

@@ -160,6 +160,8 @@ def base_config() -> ml_collections.ConfigDict:
       lr=5e-4, encoder_lr_mult=0.01, warmup_steps=2000, weight_decay=0.05, b1=0.9, b2=0.96,
       grad_clip=0.0,
       refit_every_epochs=1,  # k-means refit of the codebooks between epochs (alternating optimization)
+      first_refit_steps=0,  # the first fit after this many steps (0: before step 0, as the reference);
+                            # before it the loss is the classifier's alone (no codebooks yet)
       refit_max_images=0,   # >0: refit on a fixed random sample of this many database images
                             # (0 = the whole database, as the paper; the final identifiers always
                             # use the whole database)
@@ -181,14 +183,20 @@ def base_config() -> ml_collections.ConfigDict:
                             # tokenizer's feature space (a within-class order for the decoder to learn)
       num_neighbors=0,
   )
-  c.search = dict(beam_size=30, query_batch_size=64)
+  # widen_to_list: the evaluate stage widens the last two levels' beams to the longest list a metric
+  # reads (max(eval.ks), eval.map_at), so every IRGen column comes from a list at least that long.
+  # loop: the search's identifier steps unrolled, or scanned (lax.scan) for long identifiers; "auto"
+  # scans a run of >= 8 levels (decoding.beam_search.beam_search).
+  c.search = dict(beam_size=30, query_batch_size=64, widen_to_list=True, loop="auto")
   c.eval = dict(
       ks=(1, 2, 4, 8),
       map_at=100,
       baselines=("linear_scan", "faiss_ivfpq", "scann"),
       ivf_nlist=100, ivf_nprobe=16, pq_subspaces=4, pq_bits=8,
       extra_encoder="",     # a CLIP checkpoint: baselines also over its features (paper's CLIP rows)
-      agreement_queries=500,  # queries whose beam top-K is compared with exhaustive scoring
+      # Queries searched again with twice the beams (is the beam wide enough?) and scored on
+      # held-out pairs (the retriever's per-level token accuracy); 0 = neither.
+      beam_check_queries=500,
       gallery_queries=12,
   )
   c.checkpoint = dict(every_steps=1000, keep=2)
@@ -206,12 +214,13 @@ def runlocal_sizes(c: ml_collections.ConfigDict) -> None:
   c.retriever.encoder.update(tiny)
   c.retriever.decoder.update(depth=1, width=32, num_heads=2)
   c.tokenizer.update(batch_size=32, num_epochs=2.0, warmup_steps=2, kmeans_iters=5, lr=1e-3,
-                     encoder_lr_mult=1.0)
+                     encoder_lr_mult=1.0,
+                     first_refit_steps=min(c.tokenizer.first_refit_steps, 2))
   # No CLIP checkpoint on a laptop: the retriever's encoder starts from the stage-1 encoder.
   c.retriever.update(encoder_init="tokenizer", batch_size=32, num_epochs=2.0, warmup_steps=2, lr=1e-3,
                      encoder_lr_mult=1.0)
   c.search.update(beam_size=8, query_batch_size=32)
-  c.eval.update(ivf_nlist=8, agreement_queries=16, gallery_queries=4)
+  c.eval.update(ivf_nlist=8, beam_check_queries=16, gallery_queries=4)
   c.checkpoint.every_steps = 4
   c.log_every_steps = 2
 
@@ -253,7 +262,8 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   need(0 < lo <= hi <= 1, "data.crop_scale", tuple(c.data.crop_scale), "0 < min <= max <= 1")
   need(c.ids.kind in ("semantic", "random", "hkm"), "ids.kind", c.ids.kind,
        "'semantic', 'random' or 'hkm'")
-  need(1 <= c.ids.length <= 16, "ids.length", c.ids.length, "an identifier length M in [1, 16]")
+  # Up to 256 tokens (the paper's RQ-VAE identifiers): beyond 16 the search scans its levels.
+  need(1 <= c.ids.length <= 256, "ids.length", c.ids.length, "an identifier length M in [1, 256]")
   need(2 <= c.ids.codebook_size <= 65536, "ids.codebook_size", c.ids.codebook_size,
        "a codebook size L in [2, 65536]")
   for stage in ("tokenizer", "retriever"):
@@ -293,8 +303,14 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
        c.retriever.label_smoothing, "in [0, 1)")
   need(c.search.beam_size >= 1, "search.beam_size", c.search.beam_size, ">= 1")
   need(c.search.query_batch_size >= 1, "search.query_batch_size", c.search.query_batch_size, ">= 1")
+  need(c.search.get("loop", "auto") in ("auto", "unroll", "scan"), "search.loop", c.search.get("loop"),
+       "one of auto, unroll, scan")
   ks = tuple(c.eval.ks)
   need(len(ks) > 0 and all(k >= 1 for k in ks), "eval.ks", ks, "positive K values")
+  need(c.tokenizer.first_refit_steps >= 0, "tokenizer.first_refit_steps",
+       c.tokenizer.first_refit_steps, ">= 0 (0 = before the first step)")
+  need(c.eval.beam_check_queries >= 0, "eval.beam_check_queries", c.eval.beam_check_queries,
+       ">= 0 (0 = no beam check)")
   need(c.tokenizer.get("refit_max_images", 0) >= 0, "tokenizer.refit_max_images",
        c.tokenizer.get("refit_max_images", 0), ">= 0 (0 = the whole database)")
   if c.eval.extra_encoder:

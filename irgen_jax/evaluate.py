@@ -1,14 +1,18 @@
 """The evaluate stage: IRGen's beam search over every query, the baselines on the same features, the report.
 
 - IRGen: the retriever encodes each query once and the constrained beam search returns its top-K
-  database images (``decoding.program.SearchProgram``), batched and sharded over the mesh. Beam
-  agreement: on a fixed sample of queries, whether the beam's top-K equals the exact top-K under the
-  model (``beam_search.search_exact``: certified wider beams, exhaustive scoring where they cannot
-  certify), and the fraction of the exact top-K the beam's top-K holds (overlap).
+  database images (``decoding.program.SearchProgram``), batched and sharded over the mesh, with the
+  last two levels widened to the list length (``program.evaluation_beams``), so every column IRGen is
+  reported in comes from a list at least that long (MAP@100 from 100 images).
 - Baselines (the paper's Table 1 rows) over the tokenizer's f_cls of the same run: exact linear scan
   (L2, and cosine), Faiss IVF-PQ, ScaNN; and over a second encoder (CLIP) when ``eval.extra_encoder``
   names a checkpoint.
-- Report (``WORKDIR/report/``): metrics.json, results.md, plots, gallery.html.
+- Diagnostics (where precision is lost): the tokenizer's class head on the queries, its identifiers
+  per level (perplexity, unused codes, prefix purity, collapse warnings), the retriever's per-level
+  token accuracy on held-out pairs (query, a same-class database image's identifier), and whether the
+  beam is wide enough (``eval.beam_check_queries`` queries searched again with twice the beams: how
+  much of the list and of its precision changes; and the share of lists provably exact).
+- Report (``WORKDIR/report/``): metrics.json, results.md, plots, gallery.html; stage times and steps/s.
 
 Timing: queries per second with the query encoder (everything from images to ids) and without it
 (search only). The encoder's time is measured alone on the same queries; compiles happen before timing.
@@ -18,6 +22,7 @@ Failpoint: ``evaluate.searched`` after IRGen's search, before the baselines (and
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -28,10 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from irgen_jax import failpoints, features, files, inference, parallel
+from irgen_jax import failpoints, features, files, identifiers, inference, parallel
 from irgen_jax.decoding import beam_search
-from irgen_jax.decoding.program import SearchProgram, list_length, retriever_decode_fns
-from irgen_jax.evaluators import baselines, report
+from irgen_jax.decoding.program import SearchProgram, list_length
+from irgen_jax.evaluators import baselines, metrics, report
 from irgen_jax.evaluators.results import MethodResult
 from irgen_jax.models import build, vit
 from irgen_jax.workdir import REPORT, TOKENIZER_STATS, IndexedImages, Workdir
@@ -39,58 +44,114 @@ from irgen_jax.workdir import REPORT, TOKENIZER_STATS, IndexedImages, Workdir
 log = logging.getLogger(__name__)
 
 
-def _irgen(c, wd: Workdir, mesh, ds, indexed: IndexedImages, top_k) -> MethodResult:
+def _beams(beam_size) -> list[int]:
+  return [beam_size] if isinstance(beam_size, int) else list(beam_size)
+
+
+def _irgen(c, wd: Workdir, mesh, ds, indexed: IndexedImages, top_k) -> tuple[MethodResult, dict]:
   model, params = wd.load_retriever(c)
   index = indexed.index
   program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k)
-  (ids, scores), total_s = program.run(ds.query, warm_up=True, description="beam search")
+  (ids, scores, bound), total_s = program.run(ds.query, warm_up=True, description="beam search")
   encode_s = program.encode_seconds(ds.query)
-  extra = {"beam_size": c.search.beam_size, "index_bytes_per_image": index.bytes_per_image}
-  extra.update(_agreement(c, mesh, ds, model, params, index, ids))
+  beams = _beams(program.beam_size)
+  diagnostics = {"beam": _beam_check(c, mesh, ds, indexed, model, params, program, ids, scores, bound),
+                 "retriever": _pair_accuracy(c, mesh, ds, indexed, model, params)}
   stats_path = wd.path(TOKENIZER_STATS)
   build_s = files.read_json(stats_path).get("index_build_s") if os.path.exists(stats_path) else None
-  return MethodResult(ids=ids, scores=scores, kind="beam_search", build_s=build_s,
-                      search_s=max(total_s - encode_s, 1e-9), encode_s=encode_s,
-                      index_bytes=index.nbytes, settings={"beam_size": c.search.beam_size},
-                      extra=extra)
+  settings = {"beam_size": c.search.beam_size}
+  if len(set(beams)) > 1:
+    settings["beams_per_level"] = beams
+  result = MethodResult(ids=ids, scores=scores, kind="beam_search", build_s=build_s,
+                        search_s=max(total_s - encode_s, 1e-9), encode_s=encode_s,
+                        index_bytes=index.nbytes, settings=settings,
+                        extra={"index_bytes_per_image": index.bytes_per_image})
+  return result, diagnostics
 
 
-def _agreement(c, mesh, ds, model, params, index, beam_ids) -> dict[str, float]:
-  """Fraction of sampled queries whose beam top-K equals the exact top-K under the model.
+def _sample(c, ds) -> np.ndarray:
+  """The queries the diagnostics look at: ``eval.beam_check_queries`` spread over the split."""
+  n = min(int(c.eval.get("beam_check_queries", 0)), len(ds.query))
+  return np.unique(np.linspace(0, len(ds.query) - 1, n).round().astype(np.int64)) if n > 0 else \
+      np.zeros(0, np.int64)
 
-  K is max(eval.ks), or the fewest images the beam listed for a sampled query if less (a beam of B
-  identifiers lists fewer than K images when identifiers are nearly unique and B < K): the question
-  is whether what the beam lists is the best-scoring list of that length, not whether it is long.
+
+def _beam_check(c, mesh, ds, indexed, model, params, program, ids, scores, bound) -> dict[str, Any]:
+  """Is the beam wide enough? The sampled queries searched again with twice the beams at every level.
+
+  ``overlap@K``: the share of the wider search's top K images that the run's top K holds;
+  ``precision_change@K``: precision@K of the wider search minus the run's, on the sample (what a wider
+  beam would buy); ``certified``: share of all queries whose list is provably the exact top K under the
+  model (``beam_search.certified``), which uniform same-class targets make rare.
   """
-  n = min(int(c.eval.agreement_queries), len(ds.query))
-  if n <= 0:
+  out = {"beams": _beams(program.beam_size),
+         "certified": float(beam_search.certified(scores, bound).mean())}
+  rows = _sample(c, ds)
+  if not len(rows):
+    return out
+  t0 = time.perf_counter()
+  wider = tuple(2 * b for b in out["beams"])
+  check = SearchProgram(c, model, params, program.arrays, mesh=mesh, beam_size=wider,
+                        top_k=program.top_k)
+  (wide_ids, _, _), _ = check.run(inference.Subset(ds.query, rows))
+  labels, q_labels = indexed.labels(), ds.labels("query")[rows]
+  rel_b = metrics.relevance(ids[rows], q_labels, labels)
+  rel_w = metrics.relevance(wide_ids, q_labels, labels)
+  out.update(queries=len(rows), check_beams=list(wider))
+  for k in c.eval.ks:
+    overlap = [len(np.intersect1d(a[:k][a[:k] >= 0], b[:k][b[:k] >= 0])) / max(1, (b[:k] >= 0).sum())
+               for a, b in zip(ids[rows], wide_ids)]
+    out[f"overlap@{k}"] = float(np.mean(overlap))
+    out[f"precision_change@{k}"] = float(metrics.precision_at(rel_w, k).mean()
+                                         - metrics.precision_at(rel_b, k).mean())
+  out["seconds"] = time.perf_counter() - t0
+  log.info("Beam check on %d queries at beams %s: overlap@%d %.3f, precision change@%d %+.4f; %.1f%% "
+           "of the lists certified exact (%.1f s).", len(rows), wider, max(c.eval.ks),
+           out[f"overlap@{max(c.eval.ks)}"], max(c.eval.ks),
+           out[f"precision_change@{max(c.eval.ks)}"], 100 * out["certified"], out["seconds"])
+  return out
+
+
+def _pair_accuracy(c, mesh, ds, indexed, model, params) -> dict[str, Any]:
+  """The retriever's per-level token accuracy on held-out pairs: each sampled query with the
+  identifier of a random database image of its class (teacher forcing), as in training."""
+  rows = _sample(c, ds)
+  if not len(rows):
     return {}
-  rows = np.unique(np.linspace(0, len(ds.query) - 1, n).round().astype(np.int64))
-  k = int(min(max(c.eval.ks), (beam_ids[rows] >= 0).sum(axis=1).min()))
-  if k == 0:
-    return {}
+  labels, codes = indexed.labels(), indexed.index.codes()
+  rng = np.random.default_rng([int(c.seed), 0x9A1])
+  targets = np.empty((len(rows), codes.shape[1]), np.int32)
+  for i, label in enumerate(ds.labels("query")[rows]):
+    same = np.flatnonzero(labels == label)
+    targets[i] = codes[rng.choice(same)]
   images, _ = inference.map_split(lambda x: x, inference.Subset(ds.query, rows), mesh=mesh,
                                   batch_size=c.search.query_batch_size,
                                   image_size=c.data.image_size, resize_size=c.data.resize_size)
-  t0 = time.perf_counter()
-  exact_ids, _, info = beam_search.search_exact(
-      retriever_decode_fns(model), params, index, images, top_k=k,
-      beam_size=c.search.beam_size, max_beam_size=c.eval.get("agreement_max_beam", 1024),
-      max_batch=c.search.query_batch_size)
-  agree = (exact_ids == beam_ids[rows, :k]).all(axis=1)
-  # Where the model's scores are nearly flat (uniform same-class targets make every identifier of a
-  # class about as likely) exact equality is rare; the overlap says how much of the exact list the
-  # beam found.
-  overlap = np.mean([len(np.intersect1d(e[e >= 0], b[b >= 0])) / k
-                     for e, b in zip(exact_ids, beam_ids[rows, :k])])
-  certified_at = info["certified_at"]
-  log.info("Beam agreement on %d queries: %.3f, overlap %.3f (exact top-%d in %.1f s; %d needed "
-           "exhaustive scoring).", len(rows), agree.mean(), overlap, k, time.perf_counter() - t0,
-           int((certified_at == 0).sum()))
-  return {"beam_agreement": float(agree.mean()), "beam_overlap": float(overlap),
-          "beam_agreement_queries": float(len(rows)),
-          "beam_agreement_k": float(k),
-          "certified_at_beam_size": float((certified_at == c.search.beam_size).mean())}
+  logits_fn = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t))
+  hits, nll = [], []
+  for start in range(0, len(rows), c.search.query_batch_size):
+    sl = slice(start, start + c.search.query_batch_size)
+    logits = np.asarray(logits_fn(params, jnp.asarray(images[sl]), jnp.asarray(targets[sl])),
+                        np.float64)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    hits.append(logits.argmax(-1) == targets[sl])
+    nll.append(-np.take_along_axis(logp, targets[sl][..., None], -1)[..., 0].sum(-1))
+  hits = np.concatenate(hits)
+  return {"pairs": len(rows), "token_accuracy": hits.mean(0).tolist(),
+          "sequence_accuracy": float(hits.all(1).mean()), "nll": float(np.concatenate(nll).mean())}
+
+
+def _tokenizer_diagnostics(c, wd: Workdir, ds, q_logits) -> dict[str, Any]:
+  stats = files.read_json(wd.path(TOKENIZER_STATS)) if os.path.exists(wd.path(TOKENIZER_STATS)) else {}
+  out = {"head_accuracy": float((np.asarray(q_logits).argmax(-1) == ds.labels("query")).mean()),
+         "num_identifiers": stats.get("num_identifiers"),
+         "images_per_identifier_max": stats.get("images_per_identifier_max"), "levels": []}
+  for m in range(1, c.ids.length + 1):
+    out["levels"].append({k: stats.get(f"{k}_l{m}") for k in
+                          ("perplexity", "unused_codes", "purity", "relative_error")})
+  out["warnings"] = identifiers.collapse_warnings(stats, c.ids.length, c.ids.codebook_size)
+  return out
 
 
 def _baselines(c, prefix: str, db_feats, q_feats, encode_s: float, top_k: int, metric: str
@@ -134,7 +195,30 @@ def _clip_features(c, path: str, ds, database, mesh):
   return db, q, encode_s
 
 
+def _timing(wd: Workdir, started: float) -> dict[str, Any]:
+  """Each stage's wall time (its done marker) and training speed (its metrics log), for the report."""
+  out = {}
+  for stage in ("data", "tokenizer", "retriever"):
+    entry = {}
+    if os.path.exists(wd.done_marker(stage)):
+      entry["wall_s"] = files.read_json(wd.done_marker(stage)).get("wall_s")
+    log_path = wd.path(stage, "metrics.jsonl")
+    if os.path.exists(log_path):
+      with open(log_path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+      # The first logged window holds the compile; the rest is the training speed.
+      speeds = [r["steps_per_sec"] for r in lines[1:] if "steps_per_sec" in r]
+      if speeds:
+        entry["steps_per_sec"] = float(np.median(speeds))
+        entry["steps"] = int(lines[-1]["step"])
+    if entry:
+      out[stage] = entry
+  out["evaluate"] = {"wall_s_until_report": time.perf_counter() - started}
+  return out
+
+
 def run(c: ml_collections.ConfigDict, wd: Workdir, mesh) -> dict[str, Any]:
+  started = time.perf_counter()
   # The database is what the index holds: the indexed records, then any inserted images
   # (``python -m irgen_jax.insert``; with data.indexed_fraction < 1 the held-out records).
   indexed = IndexedImages.open(wd, c)
@@ -149,15 +233,17 @@ def run(c: ml_collections.ConfigDict, wd: Workdir, mesh) -> dict[str, Any]:
     log.info("Evaluating over the %d indexed database images; %d held-out records are not inserted "
              "yet (python -m irgen_jax.insert --held_out).", indexed.num_base, ds.held_out)
   top_k = list_length(c, indexed.num_images)
-  methods: dict[str, MethodResult] = {"irgen": _irgen(c, wd, mesh, ds, indexed, top_k)}
+  irgen, diagnostics = _irgen(c, wd, mesh, ds, indexed, top_k)
+  methods: dict[str, MethodResult] = {"irgen": irgen}
   failpoints.hit("evaluate.searched")
 
   tok_model, tok_params = wd.load_tokenizer(c, ds.num_classes)
   db_feats = indexed.features()
-  q_feats, q_encode_s = inference.map_split(
-      functools.partial(features.features_fn(tok_model), tok_params), ds.query, mesh=mesh,
+  (q_feats, q_logits), q_encode_s = inference.map_split(
+      functools.partial(features.features_and_logits_fn(tok_model), tok_params), ds.query, mesh=mesh,
       batch_size=c.search.query_batch_size, image_size=c.data.image_size,
       resize_size=c.data.resize_size, warm_up=True)
+  diagnostics["tokenizer"] = _tokenizer_diagnostics(c, wd, ds, q_logits)
   methods.update(_baselines(c, "", db_feats, q_feats, q_encode_s, top_k, metric="l2"))
   if c.eval.extra_encoder:
     clip_db, clip_q, clip_s = _clip_features(c, c.eval.extra_encoder, ds, indexed.source(), mesh)
@@ -171,7 +257,8 @@ def run(c: ml_collections.ConfigDict, wd: Workdir, mesh) -> dict[str, Any]:
         database_labels=database_labels, methods=methods,
         query_image=lambda i: ds.query[int(i)]["image"],
         database_image=lambda j: indexed.image_or_placeholder(int(j)),
-        num_gallery_queries=c.eval.gallery_queries, seed=c.seed, map_at=c.eval.map_at)
+        num_gallery_queries=c.eval.gallery_queries, seed=c.seed, map_at=c.eval.map_at,
+        diagnostics=diagnostics, timing=_timing(wd, started))
   parallel.sync("report written")
   summary = {name: {k: v for k, v in m.items() if k.startswith(("precision@", "recall@"))}
              for name, m in result.get("methods", {}).items()}

@@ -24,6 +24,14 @@ def features_fn(model: SemanticTokenizer):
   return features
 
 
+def features_and_logits_fn(model: SemanticTokenizer):
+  """Jitted ``(params, images) -> (f_cls float32 [B, D], class logits float32 [B, C])`` (eval mode)."""
+  @jax.jit
+  def both(params, images):
+    return model.apply({"params": params}, images, train=False, method="features_and_logits")
+  return both
+
+
 def of_source(model: SemanticTokenizer, params, source, c: ml_collections.ConfigDict, mesh,
               description: str = "") -> np.ndarray:
   """float32 [len(source), D]: f_cls of every record, in record order."""

@@ -76,6 +76,42 @@ def for_new_images(kind: str, features: np.ndarray, *, length: int, codebook_siz
   raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
 
 
+def prefix_purity(codes: np.ndarray, labels: np.ndarray) -> list[float]:
+  """Per level m = 1..M: the share of images whose level-m prefix (codes[:, :m]) carries its majority
+  label. 1.0 when every prefix is pure; with M tokens of semantic identifiers it grows with m."""
+  codes, labels = np.asarray(codes), np.asarray(labels, np.int64)
+  num_labels = int(labels.max(initial=0)) + 1
+  out = []
+  for m in range(1, codes.shape[1] + 1):
+    _, prefix = np.unique(codes[:, :m], axis=0, return_inverse=True)
+    # (prefix, label) pairs counted without a dense [prefixes, labels] table (In-shop: 8k labels).
+    pairs, counts = np.unique(prefix.reshape(-1).astype(np.int64) * num_labels + labels,
+                              return_counts=True)
+    majority = np.zeros(int(prefix.max(initial=-1)) + 1, np.int64)
+    np.maximum.at(majority, pairs // num_labels, counts)
+    out.append(float(majority.sum() / max(1, len(labels))))
+  return out
+
+
+def collapse_warnings(stats: dict[str, Any], length: int, codebook_size: int) -> list[str]:
+  """What the identifier statistics say went wrong, naming the level: a codebook that collapsed (under a
+  quarter of its codes used, or a perplexity under 5% of them) or prefixes that mix the classes."""
+  out = []
+  for m in range(1, length + 1):
+    unused, ppl = stats.get(f"unused_codes_l{m}"), stats.get(f"perplexity_l{m}")
+    if unused is not None and codebook_size - unused < codebook_size / 4:
+      out.append(f"level {m}: only {codebook_size - int(unused)} of {codebook_size} codes are used: the "
+                 "codebook collapsed (check the features' scale and the refits)")
+    elif ppl is not None and ppl < 0.05 * codebook_size:
+      out.append(f"level {m}: code perplexity {ppl:.1f} of {codebook_size}: most images share a few "
+                 "codes (a collapsing codebook)")
+  purity = stats.get("purity_l1")
+  if purity is not None and purity < 0.5:
+    out.append(f"level 1: only {100 * purity:.0f}% of the images share their first token's majority "
+               "class: the identifiers are not semantic yet (an undertrained tokenizer?)")
+  return out
+
+
 def hierarchical_kmeans(features: np.ndarray, *, levels: int, clusters: int, iters: int,
                         seed: int) -> np.ndarray:
   """Codes ``int32 [N, levels]``: level m splits every group of equal codes[:, :m] into ``clusters``."""

@@ -110,7 +110,7 @@ def search_images(workdir: str, paths: Sequence[str], *, k: int = 10, html_path:
   beams = int(beam_size or max(c.search.beam_size, k))
   program = SearchProgram(c, model, params, indexed.index, mesh=mesh or parallel.make_mesh(),
                           beam_size=beams, top_k=int(k))
-  (ids, scores), _ = program.run(ArraySource(pixels, np.full(len(pixels), -1), name="queries"))
+  (ids, scores, _), _ = program.run(ArraySource(pixels, np.full(len(pixels), -1), name="queries"))
   results = []
   for path, row_ids, row_scores in zip(paths, ids, scores):
     hits = []

@@ -76,7 +76,7 @@ ARTIFACTS = {
     "retriever": (("retriever/metrics.jsonl", "jsonl"), ("retriever/params", "params")),
     "evaluate": (("report/metrics.json", "json"),),
 }
-TIMING_KEYS = frozenset({"qps", "qps_with_encoder", "search_s", "encode_s", "build_s", "index_build_s",
+TIMING_KEYS = frozenset({"timing", "qps", "qps_with_encoder", "search_s", "encode_s", "build_s", "index_build_s",
                          "steps_per_sec", "wall_s", "seconds"})
 INSERT_IMAGES = 6
 

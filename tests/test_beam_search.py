@@ -51,16 +51,15 @@ def make_toy_decode_fns(num_levels, counter=None):
             "acc": jnp.zeros((q, b), jnp.float32)}
 
   def step(params, context, cache, prev, t):
+    # t is a Python int (unrolled search) or a traced int32 scalar (scanned levels): one code path.
     q, b = prev.shape
-    if t == 0:
-      h = jnp.broadcast_to(context["q"][:, None], (q, b))
-      hist, acc = cache["hist"], cache["acc"]
-    else:
-      h = _mix(cache["h"] * jnp.uint32(1000003) + prev.astype(jnp.uint32) + jnp.uint32(1), jnp)
-      hist = cache["hist"].at[:, :, t - 1].set(prev)
-      acc = cache["acc"] + 0.25 * prev.astype(jnp.float32)
+    first = t == 0
+    h = jnp.where(first, jnp.broadcast_to(context["q"][:, None], (q, b)),
+                  _mix(cache["h"] * jnp.uint32(1000003) + prev.astype(jnp.uint32) + jnp.uint32(1), jnp))
+    hist = jnp.where(first, cache["hist"], cache["hist"].at[:, :, jnp.maximum(t - 1, 0)].set(prev))
+    acc = jnp.where(first, cache["acc"], cache["acc"] + 0.25 * prev.astype(jnp.float32))
     h2 = _mix((hist.astype(jnp.uint32) * jnp.asarray(coef)).sum(-1, dtype=jnp.uint32)
-              + context["q"][:, None] + jnp.uint32(t), jnp)
+              + context["q"][:, None] + jnp.asarray(t, jnp.uint32), jnp)
     logits = (params["a"][(h % V).astype(jnp.int32)] + 0.5 * params["b"][(h2 % V).astype(jnp.int32)]
               + 0.1 * acc[..., None] * params["w"])
     return logits, {"h": h, "hist": hist, "acc": acc}
@@ -214,6 +213,37 @@ def test_beam_search_against_brute_force(toy, name, layout):
       assert (res.image_ids[:, 0] != want_ids[:, 0]).any()
 
 
+def test_per_level_widths(toy):
+  """Widths per level: as many beams as nodes at every depth is exact; a search narrow at the top and
+  widened at its last levels lists more identifiers, every one valid, scored right, bound sound."""
+  codes, l, params, want_ids, want_scores, all_scores = reference("random")
+  index = Index.build(codes, l)
+  fns, arrays, q = toy[3], device_tables(index), jnp.asarray(QUERIES)
+  n = index.nodes_per_depth
+  full = bs.beam_search(fns, params, arrays, q, beam_size=(n[1], n[2], index.num_identifiers),
+                        top_k=TOP_K)
+  np.testing.assert_array_equal(np.asarray(full.image_ids), want_ids)
+  narrow = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=2, top_k=TOP_K))
+  wide = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=(2, 40, 40),
+                                                  top_k=TOP_K))
+  assert wide.identifiers.shape == (len(QUERIES), 40, 3)
+  assert ((wide.image_ids >= 0).sum(1) >= (narrow.image_ids >= 0).sum(1)).all()
+  assert ((wide.image_ids >= 0).sum(1) > 2).all()
+  valid = {tuple(x) for x in index.identifiers()}
+  for i, query in enumerate(QUERIES):
+    alive = np.isfinite(wide.identifier_scores[i])
+    beams = [tuple(x) for x in wide.identifiers[i][alive]]
+    assert set(beams) <= valid and len(set(beams)) == len(beams)
+    np.testing.assert_allclose(wide.identifier_scores[i][alive],
+                               [numpy_logprob(params, query, b) for b in beams], rtol=1e-5, atol=1e-4)
+    missed = [all_scores[i, j] for j, x in enumerate(index.identifiers()) if tuple(x) not in set(beams)]
+    assert max(missed, default=-np.inf) <= wide.pruned_bound[i] + 1e-4
+  with pytest.raises(ValueError, match="one per level"):
+    bs.beam_search(fns, params, arrays, q, beam_size=(2, 3), top_k=TOP_K)
+  with pytest.raises(ValueError, match="positive int"):
+    bs.beam_search(fns, params, arrays, q, beam_size=(2, 0, 3), top_k=TOP_K)
+
+
 def test_search_exact_equals_brute_force_and_certifies_some_queries_early(toy):
   codes, l, params, want_ids, want_scores, _ = reference("L256_M4")
   index = Index.build(codes, l)
@@ -326,12 +356,16 @@ def test_errors_name_the_bad_value(toy):
   index = Index.build(np.array([[1, 2, 3]]), 40)
   params, fns, arrays = toy_params(40), toy[3], index.device_arrays()
   q = jnp.asarray(QUERIES)
-  with pytest.raises(ValueError, match="beam_size must be a positive int; got 0"):
+  with pytest.raises(ValueError, match=r"beam_size must be a positive int \(or a tuple .*got 0\."):
     bs.beam_search(fns, params, arrays, q, beam_size=0, top_k=3)
+  with pytest.raises(ValueError, match=r"got \(4, 0, 4\)"):
+    bs.beam_search(fns, params, arrays, q, beam_size=(4, 0, 4), top_k=3)
   with pytest.raises(ValueError, match="reorder must be one of"):
     bs.beam_search(fns, params, arrays, q, beam_size=2, top_k=3, reorder="scatter")
   other_l = Index.build(np.array([[1, 2, 3]]), 64).device_arrays()
-  with pytest.raises(ValueError, match=r"logits of shape \(5, 2, 40\); expected \[Q=5, B=2, L=64\]"):
+  # The root is decoded once per query (one row), so step 0's logits are [Q, 1, L].
+  with pytest.raises(ValueError,
+                     match=r"step\(t=0\) returned logits of shape \(5, 1, 40\); expected \[Q=5, B=1, L=64\]"):
     bs.beam_search(fns, params, other_l, q, beam_size=2, top_k=3)
 
 
@@ -369,3 +403,67 @@ def test_real_decoder_beam_equals_exhaustive_scorer():
   logp = np.asarray(teacher(params, jnp.repeat(images, u, axis=0), jnp.asarray(flat)))
   want = np.take_along_axis(logp, flat[..., None], axis=-1)[..., 0].sum(-1).reshape(-1, u)
   np.testing.assert_allclose(beam.identifier_scores, want, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Long identifiers: levels scanned (lax.scan) instead of unrolled
+
+
+def test_scanned_levels_pick_the_longest_sparse_equal_width_run():
+  index = Index.build(np.random.default_rng(0).integers(0, 8, (300, 10)), 8).device_arrays()
+  dense = [t for t in range(10) if index.masks[t] is not None]
+  assert dense and max(dense) < 4, dense   # the deep levels of 300 random codes are sparse
+  widths = (4,) * 10
+  s0, s1 = bs.scanned_levels(index, widths, "scan")
+  assert (s0, s1) == (max(dense) + 1, 10)
+  assert bs.scanned_levels(index, widths, "unroll") == (0, 0)
+  assert bs.scanned_levels(index, widths, "auto") == ((s0, s1) if s1 - s0 >= bs.SCAN_MIN_LEVELS else (0, 0))
+  # A widened last level ends the run (a scan's carry keeps one shape).
+  assert bs.scanned_levels(index, (4,) * 9 + (16,), "scan") == (s0, 9)
+
+
+@pytest.mark.parametrize("beam", [1, 6, (6,) * 10, (3, 6, 6, 6, 6, 6, 6, 6, 6, 24)])
+def test_scan_equals_unroll_on_the_toy_model(beam):
+  """Same model, same index: the scanned search returns the unrolled one's images, identifiers and
+  scores bit for bit (the toy's arithmetic is integer hashing and the same float sums)."""
+  m, l = 10, 8
+  codes = np.random.default_rng(1).integers(0, l, (300, m))
+  index = Index.build(codes, l)
+  arrays, params, fns = index.device_arrays(), toy_params(l), make_toy_decode_fns(m)
+  widths = bs.beam_widths(beam, m)
+  s0, s1 = bs.scanned_levels(arrays, widths, "scan")
+  assert s1 - s0 >= 5, (s0, s1)   # the scan really runs most levels
+  q = jnp.asarray(QUERIES)
+  got = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=beam, top_k=TOP_K,
+                                                 loop="scan"))
+  want = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=beam, top_k=TOP_K,
+                                                  loop="unroll"))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  assert (got.image_ids[:, 0] >= 0).all()
+
+
+def test_scan_equals_unroll_with_the_real_decoder():
+  """A real (tiny, random) retriever over 24-token identifiers: the scanned search's decoder step
+  (traced t: the whole cache read, later positions masked) gives the unrolled search's results."""
+  from irgen_jax.decoding import program
+  from irgen_jax.models import retriever
+  m, l = 24, 16
+  model = retriever.Model(dict(width=16, depth=1, num_heads=2, patch_size=4, image_size=8),
+                          width=16, depth=2, num_heads=2, num_levels=m, num_tokens=l)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
+                        retriever.param_shapes(model))
+  images = jnp.asarray(rng.standard_normal((3, 8, 8, 3)), jnp.float32)
+  fns = program.retriever_decode_fns(model)
+  arrays = Index.build(rng.integers(0, l, (200, m)), l).device_arrays()
+  s0, s1 = bs.scanned_levels(arrays, bs.beam_widths(8, m), "auto")
+  assert s1 - s0 >= bs.SCAN_MIN_LEVELS   # auto scans identifiers this long
+  got = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, images, beam_size=8, top_k=8))
+  want = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, images, beam_size=8, top_k=8,
+                                                  loop="unroll"))
+  np.testing.assert_array_equal(got.image_ids, want.image_ids)
+  np.testing.assert_array_equal(got.identifiers, want.identifiers)
+  np.testing.assert_allclose(got.identifier_scores, want.identifier_scores, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="loop must be one of"):
+    bs.beam_search(fns, params, arrays, images, beam_size=8, top_k=8, loop="while")

@@ -171,7 +171,7 @@ def _fresh_config(data_dir, reuse_from):
   c = module.get_config("runlocal")
   c.data.data_dir = str(data_dir)
   c.tokenizer.reuse_from = str(reuse_from)
-  c.eval.update(agreement_queries=0, baselines=("linear_scan",))
+  c.eval.update(beam_check_queries=0, baselines=("linear_scan",))
   return c
 
 

@@ -170,7 +170,7 @@ def test_report_aggregates_seeds(tmp_path):
 
 # Small and quick: one epoch per stage, no exact-scoring check, one baseline (the difference needs it).
 CHEAP = ["--config.tokenizer.num_epochs=1.0", "--config.retriever.num_epochs=1.0",
-         "--config.eval.agreement_queries=0", "--config.eval.baselines=('linear_scan',)"]
+         "--config.eval.beam_check_queries=0", "--config.eval.baselines=('linear_scan',)"]
 
 
 def _sweep_cmd(root, data_dir, *extra):

@@ -178,7 +178,8 @@ BAD_CONFIGS = [
     ("negative_encoder_lr", _set("retriever.encoder_lr_mult", -0.1), {},
      "config.retriever.encoder_lr_mult=-0.1: expected >= 0 (0 freezes the encoder)"),
     ("M_zero", _set("ids.length", 0), {}, "config.ids.length=0"),
-    ("M_too_long", _set("ids.length", 17), {}, "config.ids.length=17"),
+    ("M_too_long", _set("ids.length", 257), {}, "config.ids.length=257"),
+    ("unknown_search_loop", _set("search.loop", "while"), {}, "config.search.loop='while'"),
     ("L_one", _set("ids.codebook_size", 1), {}, "config.ids.codebook_size=1"),
     ("L_too_big", _set("ids.codebook_size", 65537), {}, "config.ids.codebook_size=65537"),
     ("tokenizer_clip_missing", _clip("tokenizer", "/nonexistent/ViT-B-16.pt"), {},
@@ -292,3 +293,36 @@ def test_tokenizer_nan_loss_stops_naming_the_step(tmp_path):
   assert saved and max(saved) == bad_step - 1, (saved, bad_step)
   assert not os.path.exists(workdir / "tokenizer" / "done.json")
   assert not os.path.exists(workdir / "tokenizer" / "params")
+
+
+# --------------------------------------------------------------------------------------------------
+# The first codebook fit after warm-up (tokenizer.first_refit_steps)
+
+
+@pytest.mark.slow
+def test_tokenizer_first_fit_after_first_refit_steps(tmp_path):
+  """With ``first_refit_steps=3`` the codebooks are first fit at step 3 (then every epoch of 4 steps):
+  before it the loss is the classifier's alone (the RQ terms weigh 0), from it on the full objective."""
+  sys.path.insert(0, HELPERS)
+  try:
+    import distributed_train  # the small synthetic config of the two-process test
+  finally:
+    sys.path.remove(HELPERS)
+  from irgen_jax import main
+  c = distributed_train.config(str(tmp_path / "tfds"))
+  c.stages = "data,tokenizer"
+  c.tokenizer.first_refit_steps = 3
+  workdir = tmp_path / "workdir"
+  main.run(c, str(workdir))
+  with open(workdir / "tokenizer" / "refits.jsonl") as f:
+    refit_steps = [json.loads(line)["step"] for line in f]
+  assert refit_steps == [3, 7], refit_steps
+  with open(workdir / "tokenizer" / "metrics.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  before = [r for r in rows if r["step"] <= 3]   # logged after the step: step s is step s-1's update
+  after = [r for r in rows if r["step"] > 3]
+  assert before and after, [r["step"] for r in rows]
+  for r in before:
+    assert r["loss"] == pytest.approx(r["ce_cls"], rel=1e-6), r
+  for r in after:
+    assert r["loss"] > r["ce_cls"] + 1e-3, r

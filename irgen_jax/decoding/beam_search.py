@@ -2,8 +2,9 @@
 
 ``beam_search`` is one jitted, pure function of (decode functions, params, index arrays, queries): batched
 over queries and beams, the M identifier steps unrolled in Python under ``jit`` (every step has static
-shapes), a KV cache owned by the decode functions, scores that are sums of ``log_softmax`` (the reference
-multiplies raw probabilities, which underflows for long identifiers), illegal tokens masked *after*
+shapes) or, for long identifiers, a ``lax.scan`` over the levels (``loop``), a KV cache owned by the
+decode functions, scores that are sums of ``log_softmax`` (the reference multiplies raw probabilities,
+which underflows for long identifiers), illegal tokens masked *after*
 ``log_softmax``, top-B over B×L candidates per step, caches reordered by a gather along the beam axis, and
 the beams' identifiers expanded to database images (CSR map, bounded by K) inside the same program.
 
@@ -59,7 +60,8 @@ class DecodeFns(NamedTuple):
   init_cache(num_queries, beam_size) -> cache: the empty decoding cache, zeros, every leaf [Q, B, ...].
   step(params, context, cache, prev_tokens, t) -> (logits, cache): logits (float [Q, B, L]) of
     identifier token t given tokens 0..t-1, and the updated cache. ``prev_tokens`` is int32 [Q, B], token
-    t-1 of every beam (ignored at t = 0); ``t`` is a Python int.
+    t-1 of every beam (ignored at t = 0); ``t`` is a Python int, or a traced int32 scalar where the
+    search scans its levels (``loop``), so a step must accept both.
   """
   init: Any
   init_cache: Any
@@ -108,15 +110,17 @@ def _legal_tokens(rows: jax.Array, num_tokens: int) -> jax.Array:
 _COMPARE_MAX_FANOUT = 8
 
 
-def _sparse_children(index: IndexArrays, t: int, node: jax.Array, alive: jax.Array):
-  """A sparse level's children of every beam: (legal bool [Q,B,L], tokens int32 [Q,B,F], used [Q,B,F])."""
+def _sparse_children(first_child: jax.Array, child_token: jax.Array, fanout: int, num_tokens: int,
+                     node: jax.Array, alive: jax.Array):
+  """A sparse level's children of every beam: (legal bool [Q,B,L], tokens int32 [Q,B,F], used [Q,B,F]).
+
+  ``first_child``/``child_token`` are the level's tables, ``fanout`` its static number of child slots."""
   q, b = node.shape
-  fanout, num_tokens = index.max_fanout[t], index.num_tokens
-  start = index.first_child[t][node]
-  count = index.first_child[t][node + 1] - start
+  start = first_child[node]
+  count = first_child[node + 1] - start
   slot = jnp.arange(fanout, dtype=jnp.int32)
   used = (slot < count[..., None]) & alive[..., None]                          # [Q, B, F]
-  toks = index.child_token[t][jnp.where(used, start[..., None] + slot, 0)].astype(jnp.int32)
+  toks = child_token[jnp.where(used, start[..., None] + slot, 0)].astype(jnp.int32)
   if fanout <= _COMPARE_MAX_FANOUT:
     legal = ((toks[..., None] == jnp.arange(num_tokens)) & used[..., None]).any(axis=2)
   else:
@@ -145,62 +149,187 @@ def _check_logits(logits: jax.Array, q: int, b: int, num_tokens: int, t: int) ->
                      f"[Q={q}, B={b}, L={num_tokens}] (L from the index).")
 
 
-def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any, beam_size: int,
-            constrained: bool, reorder: str):
-  """The beam loop. Returns (tokens int32 [Q,B,M], leaf ids int32 [Q,B], scores f32 [Q,B], alive [Q,B],
-  pruned_bound f32 [Q])."""
-  q, b, m, num_tokens = _num_queries(queries), beam_size, index.num_levels, index.num_tokens
-  context = decode_fns.init(params, queries)
-  cache = decode_fns.init_cache(q, b)
+def beam_widths(beam_size: int | tuple[int, ...], num_levels: int) -> tuple[int, ...]:
+  """The beams kept after each of the M levels: ``B`` for every level, or a tuple of M widths (e.g. a
+  search that widens its last levels so that its list holds more identifiers)."""
+  widths = (beam_size,) * num_levels if isinstance(beam_size, int) else tuple(beam_size)
+  if len(widths) != num_levels or not all(isinstance(w, int) and w >= 1 for w in widths):
+    raise ValueError(f"beam_size must be a positive int or {num_levels} positive ints (one per level); "
+                     f"got {beam_size!r}.")
+  return widths
+
+
+LOOP_MODES = ("auto", "unroll", "scan")
+# loop="auto" scans a run of levels at least this long (long identifiers); shorter ones are unrolled,
+# where every step is its own program with a static cache slice (faster for short M; benchmarks/
+# beam_search.py --parts length measures both).
+SCAN_MIN_LEVELS = 8
+
+
+def scanned_levels(index: IndexArrays, widths: tuple[int, ...], loop: str) -> tuple[int, int]:
+  """The levels [s0, s1) that ``loop`` runs as one ``lax.scan`` ((0, 0): none): the longest run of sparse
+  levels, after the root, that keep the width their beams come in with (a scan's carry has one shape)."""
+  if loop == "unroll":
+    return 0, 0
+  best, t, m = (0, 0), 1, index.num_levels
+  while t < m:
+    if index.masks[t] is not None or widths[t] != widths[t - 1]:
+      t += 1
+      continue
+    end = t
+    while end < m and index.masks[end] is None and widths[end] == widths[t - 1]:
+      end += 1
+    if end - t > best[1] - best[0]:
+      best = (t, end)
+    t = end
+  if best[1] - best[0] < (1 if loop == "scan" else SCAN_MIN_LEVELS):
+    return 0, 0
+  return best
+
+
+def _stacked_levels(index: IndexArrays, s0: int, s1: int):
+  """Levels [s0, s1)'s sparse tables stacked for a scan: first_child int32 [S, n+1] (padded with each
+  level's last value: padded nodes have no children), child_token [S, c] (padded with 0), and one
+  fan-out bound, the largest of the levels'."""
+  fc = [index.first_child[t] for t in range(s0, s1)]
+  ct = [index.child_token[t] for t in range(s0, s1)]
+  n, c = max(f.shape[0] for f in fc), max(max(x.shape[0] for x in ct), 1)
+  fc = jnp.stack([jnp.concatenate([f, jnp.broadcast_to(f[-1:], (n - f.shape[0],))]) for f in fc])
+  ct = jnp.stack([jnp.concatenate([x, jnp.zeros((c - x.shape[0],), x.dtype)]) for x in ct])
+  return fc, ct, max(index.max_fanout[s0:s1])
+
+
+class _Beams(NamedTuple):
+  """The beam loop's state: Q queries x B beams (B = 1 before the root's step)."""
+  cache: Any
+  node: jax.Array      # int32 [Q, B]: the index node of each beam's prefix
+  alive: jax.Array     # bool [Q, B]
+  scores: jax.Array    # float32 [Q, B]
+  tokens: jax.Array    # int32 [Q, B, M]
+  prev: jax.Array      # int32 [Q, B]: the last token
+  bound: jax.Array     # float32 [Q]: the best legal candidate dropped so far
+
+
+def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: Any, w: int,
+           num_tokens: int, legal_of, child_of, reorder_cache: bool, reorder: str) -> _Beams:
+  """One level: decode, mask, keep the W best of B x L candidates, follow them in the index.
+
+  ``legal_of(node, alive) -> (legal [Q,B,L], aux)`` and ``child_of(aux, parent, beam_idx, tok) -> rank``
+  are the level's index lookups (dense bit masks or sparse child lists; ``None`` unconstrained); ``t``
+  an int or, inside a scan, a traced scalar."""
+  q, b = beams.node.shape
   rows_q = jnp.arange(q)[:, None]
-  # Every beam starts at the root; only beam 0 is alive, so step 0 does not pick the same token B times.
-  node = jnp.zeros((q, b), jnp.int32)
-  alive = jnp.zeros((q, b), bool).at[:, 0].set(True)
-  scores = jnp.where(alive, 0.0, -jnp.inf).astype(jnp.float32)
-  tokens = jnp.zeros((q, b, m), jnp.int32)
-  prev = jnp.zeros((q, b), jnp.int32)
-  bound = jnp.full((q,), -jnp.inf, jnp.float32)
-  for t in range(m):
-    logits, cache = decode_fns.step(params, context, cache, prev, t)
-    _check_logits(logits, q, b, num_tokens, t)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    dense = index.masks[t] is not None
+  logits, cache = decode_fns.step(params, context, beams.cache, beams.prev, t)
+  _check_logits(logits, q, b, num_tokens, t)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  if legal_of is None:
+    legal, aux = jnp.broadcast_to(beams.alive[..., None], logp.shape), None
+  else:
+    legal, aux = legal_of(beams.node, beams.alive)
+  cand = (beams.scores[..., None] + jnp.where(legal, logp, ILLEGAL_LOGPROB)).reshape(q, b * num_tokens)
+  legal_flat = legal.reshape(q, b * num_tokens)
+  if b * num_tokens < w + 1:  # fewer candidates than kept: the missing ones are dead beams
+    pad = w + 1 - b * num_tokens
+    cand = jnp.concatenate([cand, jnp.full((q, pad), -jnp.inf, cand.dtype)], axis=1)
+    legal_flat = jnp.concatenate([legal_flat, jnp.zeros((q, pad), bool)], axis=1)
+  # One candidate more than kept: the best dropped one bounds every identifier below it.
+  top, flat = jax.lax.top_k(cand, w + 1)
+  dropped = jnp.take_along_axis(legal_flat, flat[:, w:], axis=1)[:, 0]
+  bound = jnp.maximum(beams.bound, jnp.where(dropped, top[:, w], -jnp.inf))
+  top, flat = top[:, :w], flat[:, :w]
+  alive = jnp.take_along_axis(legal_flat, flat, axis=1)
+  beam_idx = jnp.minimum(flat // num_tokens, b - 1)  # padded slots are dead: any row will do
+  tok = jnp.where(alive, flat % num_tokens, 0)
+  scores = jnp.where(alive, top, -jnp.inf)
+  if legal_of is None:
+    node = jnp.zeros((q, w), jnp.int32)
+  else:
+    parent = jnp.where(alive, beams.node[rows_q, beam_idx], 0)
+    node = jnp.where(alive, child_of(aux, parent, beam_idx, tok), 0)
+  tokens = beams.tokens[rows_q, beam_idx]
+  tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[..., None], t, axis=2)
+  if reorder_cache:
+    cache = _reorder(cache, beam_idx, reorder)
+  return _Beams(cache, node, alive, scores, tokens, tok, bound)
+
+
+def _dense_lookups(masks: jax.Array, word_rank: jax.Array, first_child: jax.Array, num_tokens: int):
+  def legal_of(node, alive):
+    rows = masks[node]                                          # [Q, B, W]: one gather per beam
+    return _legal_tokens(rows, num_tokens) & alive[..., None], rows
+
+  def child_of(rows, parent, beam_idx, tok):
+    # rank of tok among the parent's set bits: running count of earlier words + one popcount
+    rows_q = jnp.arange(parent.shape[0])[:, None]
+    word = tok >> 5
+    word_bits = jnp.take_along_axis(rows[rows_q, beam_idx], word[..., None], axis=-1)[..., 0]
+    below = word_bits & ((jnp.uint32(1) << (tok & 31).astype(jnp.uint32)) - jnp.uint32(1))
+    rank = word_rank[parent, word].astype(jnp.int32) + jax.lax.population_count(below).astype(jnp.int32)
+    return first_child[parent] + rank
+  return legal_of, child_of
+
+
+def _sparse_lookups(first_child: jax.Array, child_token: jax.Array, fanout: int, num_tokens: int):
+  def legal_of(node, alive):
+    legal, toks, used = _sparse_children(first_child, child_token, fanout, num_tokens, node, alive)
+    return legal, (toks, used)
+
+  def child_of(aux, parent, beam_idx, tok):
+    # rank of tok among the parent's (sorted) child tokens
+    toks, used = aux
+    rows_q = jnp.arange(parent.shape[0])[:, None]
+    sel_toks, sel_used = toks[rows_q, beam_idx], used[rows_q, beam_idx]
+    return first_child[parent] + ((sel_toks < tok[..., None]) & sel_used).sum(-1, dtype=jnp.int32)
+  return legal_of, child_of
+
+
+def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any,
+            beam_size: int | tuple[int, ...], constrained: bool, reorder: str, loop: str):
+  """The beam loop. Returns (tokens int32 [Q,W,M], leaf ids int32 [Q,W], scores f32 [Q,W], alive [Q,W],
+  pruned_bound f32 [Q]) with W the last level's width.
+
+  Levels are unrolled (each its own program, static shapes), except the run ``scanned_levels`` picks,
+  which is one ``lax.scan`` over stacked sparse tables (the program's size stays flat in M)."""
+  q, m, num_tokens = _num_queries(queries), index.num_levels, index.num_tokens
+  widths = beam_widths(beam_size, m)
+  s0, s1 = scanned_levels(index, widths, loop) if constrained else (0, 0)
+  context = decode_fns.init(params, queries)
+  # Level 0 decodes the root once per query (every beam would see the same prefix); its W best tokens
+  # become the beams, gathered from that one row.
+  beams = _Beams(cache=decode_fns.init_cache(q, 1), node=jnp.zeros((q, 1), jnp.int32),
+                 alive=jnp.ones((q, 1), bool), scores=jnp.zeros((q, 1), jnp.float32),
+                 tokens=jnp.zeros((q, 1, m), jnp.int32), prev=jnp.zeros((q, 1), jnp.int32),
+                 bound=jnp.full((q,), -jnp.inf, jnp.float32))
+
+  def lookups(t):
     if not constrained:
-      legal = jnp.broadcast_to(alive[..., None], logp.shape)
-    elif dense:
-      rows = index.masks[t][node]                                 # [Q, B, W]: one gather per beam
-      legal = _legal_tokens(rows, num_tokens) & alive[..., None]  # [Q, B, L]
-    else:
-      legal, child_toks, used = _sparse_children(index, t, node, alive)
-    cand = scores[..., None] + jnp.where(legal, logp, ILLEGAL_LOGPROB)
-    # One candidate more than kept: the best dropped one bounds every identifier below it.
-    top, flat = jax.lax.top_k(cand.reshape(q, b * num_tokens), b + 1)
-    dropped = jnp.take_along_axis(legal.reshape(q, b * num_tokens), flat[:, b:], axis=1)[:, 0]
-    bound = jnp.maximum(bound, jnp.where(dropped, top[:, b], -jnp.inf))
-    top, flat = top[:, :b], flat[:, :b]
-    beam_idx, tok = flat // num_tokens, flat % num_tokens
-    alive = jnp.take_along_axis(legal.reshape(q, b * num_tokens), flat, axis=1)
-    scores = jnp.where(alive, top, -jnp.inf)
-    if constrained:
-      parent = jnp.where(alive, node[rows_q, beam_idx], 0)
-      if dense:
-        # rank of tok among the parent's set bits: running count of earlier words + one popcount
-        word = tok >> 5
-        word_bits = jnp.take_along_axis(rows[rows_q, beam_idx], word[..., None], axis=-1)[..., 0]
-        below = word_bits & ((jnp.uint32(1) << (tok & 31).astype(jnp.uint32)) - jnp.uint32(1))
-        rank = (index.word_rank[t][parent, word].astype(jnp.int32)
-                + jax.lax.population_count(below).astype(jnp.int32))
-      else:
-        # rank of tok among the parent's (sorted) child tokens
-        sel_toks, sel_used = child_toks[rows_q, beam_idx], used[rows_q, beam_idx]
-        rank = ((sel_toks < tok[..., None]) & sel_used).sum(-1, dtype=jnp.int32)
-      node = jnp.where(alive, index.first_child[t][parent] + rank, 0)
-    tokens = tokens[rows_q, beam_idx].at[:, :, t].set(tok)
-    prev = tok
-    if t + 1 < m:  # the last step's cache is never read
-      cache = _reorder(cache, beam_idx, reorder)
-  leaves = node if constrained else jnp.full((q, b), -1, jnp.int32)
-  return tokens, leaves, scores, alive, bound
+      return None, None
+    if index.masks[t] is not None:
+      return _dense_lookups(index.masks[t], index.word_rank[t], index.first_child[t], num_tokens)
+    return _sparse_lookups(index.first_child[t], index.child_token[t], index.max_fanout[t], num_tokens)
+
+  t = 0
+  while t < m:
+    if t == s0 and s1 > s0:
+      fc, ct, fanout = _stacked_levels(index, s0, s1)
+
+      def body(beams, xs):
+        level, first_child, child_token = xs
+        legal_of, child_of = _sparse_lookups(first_child, child_token, fanout, num_tokens)
+        # The scan reorders the cache at every level (its body is one program); after the last
+        # level of the search the reorder is wasted, once.
+        return _level(decode_fns, params, context, beams, level, widths[s0], num_tokens, legal_of,
+                      child_of, True, reorder), None
+      beams, _ = jax.lax.scan(body, beams, (jnp.arange(s0, s1, dtype=jnp.int32), fc, ct))
+      t = s1
+      continue
+    legal_of, child_of = lookups(t)
+    # The last step's cache is never read.
+    beams = _level(decode_fns, params, context, beams, t, widths[t], num_tokens, legal_of, child_of,
+                   t + 1 < m, reorder)
+    t += 1
+  leaves = beams.node if constrained else jnp.full(beams.node.shape, -1, jnp.int32)
+  return beams.tokens, leaves, beams.scores, beams.alive, beams.bound
 
 
 def _expand(leaves: jax.Array, scores: jax.Array, alive: jax.Array, offsets: jax.Array,
@@ -225,18 +354,25 @@ def _expand(leaves: jax.Array, scores: jax.Array, alive: jax.Array, offsets: jax
   return ids.astype(jnp.int32), jnp.where(found, jnp.take_along_axis(scores, beam, axis=1), -jnp.inf)
 
 
-def _check_static(beam_size: int, top_k: int, reorder: str) -> None:
-  if not isinstance(beam_size, int) or beam_size < 1:
-    raise ValueError(f"beam_size must be a positive int; got {beam_size!r}.")
+def _check_static(beam_size: int | tuple[int, ...], top_k: int, reorder: str, loop: str = "auto") -> None:
+  sizes = (beam_size,) if isinstance(beam_size, int) else beam_size
+  if not isinstance(sizes, tuple) or not sizes or not all(
+      isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+    raise ValueError(f"beam_size must be a positive int (or a tuple of them, one per level); "
+                     f"got {beam_size!r}.")
   if not isinstance(top_k, int) or top_k < 1:
     raise ValueError(f"top_k must be a positive int; got {top_k!r}.")
   if reorder not in REORDER_MODES:
     raise ValueError(f"reorder must be one of {REORDER_MODES}; got {reorder!r}.")
+  if loop not in LOOP_MODES:
+    raise ValueError(f"loop must be one of {LOOP_MODES}; got {loop!r}.")
 
 
-@functools.partial(jax.jit, static_argnames=("decode_fns", "beam_size", "top_k", "reorder", "constrained"))
+@functools.partial(jax.jit, static_argnames=("decode_fns", "beam_size", "top_k", "reorder", "constrained",
+                                             "loop"))
 def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any, *, beam_size: int,
-                top_k: int, reorder: str = "gather", constrained: bool = True) -> SearchResult:
+                top_k: int, reorder: str = "gather", constrained: bool = True,
+                loop: str = "auto") -> SearchResult:
   """Constrained beam search: the top-K database images of every query.
 
   Args:
@@ -244,18 +380,24 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
     params: the model parameters (any pytree; passed to ``init`` and ``step``).
     index: ``IndexArrays`` (``Index.device_arrays()``); an argument, never a compiled-in constant.
     queries: pytree, every leaf [Q, ...] (e.g. images float32 [Q, H, W, C]).
-    beam_size: B, beams per query (static).
+    beam_size: B, beams per query (static); or M widths, the beams kept after each level
+      (``beam_widths``), e.g. ``(30, 30, 100, 100)`` to list at least ~100 identifiers at beam 30.
     top_k: K, images returned per query (static).
     reorder: how caches follow their beams: "gather" (default) or "one_hot" (a permutation einsum).
     constrained: False skips the index (every token legal; identifiers may not exist, no images are
       returned): only to measure the constraint's cost.
+    loop: how the M steps run: "unroll" (a Python loop under ``jit``: one small program per step,
+      static cache slices), "scan" (the longest run of sparse, equal-width levels as one ``lax.scan``:
+      program size and compile time flat in M, for 64-256-token identifiers), or "auto" (scan only a
+      run of at least ``SCAN_MIN_LEVELS`` levels). Both give the same search up to float rounding.
   Returns:
-    ``SearchResult``: image_ids int32 [Q, K], scores float32 [Q, K], identifiers int32 [Q, B, M],
-    identifier_scores float32 [Q, B]; beams in score order, each identifier's images in database order.
+    ``SearchResult``: image_ids int32 [Q, K], scores float32 [Q, K], identifiers int32 [Q, W, M],
+    identifier_scores float32 [Q, W] (W: the last level's width); beams in score order, each
+    identifier's images in database order.
   """
-  _check_static(beam_size, top_k, reorder)
+  _check_static(beam_size, top_k, reorder, loop)
   tokens, leaves, scores, alive, bound = _decode(decode_fns, params, index, queries, beam_size,
-                                                 constrained, reorder)
+                                                 constrained, reorder, loop)
   if constrained:
     ids, image_scores = _expand(leaves, scores, alive, index.offsets, index.image_ids, top_k)
   else:

@@ -72,15 +72,35 @@ def list_length(c: ml_collections.ConfigDict, num_images: int) -> int:
   return min(max(max(c.eval.ks), c.eval.map_at), num_images)
 
 
-def search_function(model: Retriever, *, beam_size: int, top_k: int):
+def evaluation_beams(c: ml_collections.ConfigDict, num_images: int) -> int | tuple[int, ...]:
+  """The beams the evaluate stage searches with: ``search.beam_size`` B at every level, or, with
+  ``search.widen_to_list``, the last two levels widened to the list length K (``list_length``).
+
+  Identifiers are nearly unique (a node two levels above the leaves has a few children, one above them
+  about one), so B beams list about B images: metrics that read K > B images (MAP@100) would see a
+  list capped at B. Widening the last two levels lists about K identifiers, at the cost of 2 of the M
+  levels decoded with K beams instead of B; the first B of the list are at least as good as beam B's.
+  """
+  b, m = int(c.search.beam_size), int(c.ids.length)
+  k = list_length(c, num_images)
+  if not c.search.get("widen_to_list", False) or k <= b:
+    return b
+  return (b,) * (m - 2) + (k,) * min(2, m)
+
+
+def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k: int,
+                    loop: str = "auto"):
   """Jitted ``(params, IndexArrays, images float32 [Q, S, S, 3]) -> (image_ids int32 [Q, K], scores
-  float32 [Q, K])``, best first, -1 / -inf where fewer than K images were found."""
+  float32 [Q, K], pruned_bound float32 [Q])``: best first, -1 / -inf where fewer than K images were
+  found; a list whose K-th score is above its pruned bound is the exact top K
+  (``beam_search.certified``). ``loop``: unrolled or scanned levels (``beam_search.beam_search``)."""
   fns = retriever_decode_fns(model)
 
   @jax.jit
   def search(params, arrays, images):
-    res = beam_search.beam_search(fns, params, arrays, images, beam_size=beam_size, top_k=top_k)
-    return res.image_ids, res.scores
+    res = beam_search.beam_search(fns, params, arrays, images, beam_size=beam_size, top_k=top_k,
+                                  loop=loop)
+    return res.image_ids, res.scores, res.pruned_bound
   return search
 
 
@@ -88,17 +108,21 @@ class SearchProgram:
   """A trained retriever over an index, ready to search: ``run(source)`` -> ids, scores, seconds."""
 
   def __init__(self, c: ml_collections.ConfigDict, model: Retriever, params: Any,
-               index: Index | IndexArrays, *, mesh, beam_size: int | None = None,
+               index: Index | IndexArrays, *, mesh, beam_size: int | tuple[int, ...] | None = None,
                top_k: int | None = None):
+    """``beam_size``: B, or one width per level (``beam_search.beam_widths``); default: the
+    evaluate stage's (``evaluation_beams``). ``top_k``: default ``list_length``."""
     self.config, self.model, self.mesh = c, model, mesh
     self.arrays = index.device_arrays() if isinstance(index, Index) else index
     num_images = index.num_images if isinstance(index, Index) else int(self.arrays.image_ids.shape[0])
-    self.beam_size = int(beam_size or c.search.beam_size)
+    self.beam_size = beam_size or evaluation_beams(c, num_images)
     self.top_k = int(top_k or list_length(c, num_images))
     self.params = parallel.replicate(params, mesh)
     self.arrays = parallel.replicate(self.arrays, mesh)
     self._search = functools.partial(
-        search_function(model, beam_size=self.beam_size, top_k=self.top_k), self.params, self.arrays)
+        search_function(model, beam_size=self.beam_size, top_k=self.top_k,
+                        loop=c.search.get("loop", "auto")),
+        self.params, self.arrays)
 
   def map(self, fn, source, *, warm_up: bool = False, description: str = ""):
     """``inference.map_split(fn, source)`` with the run's eval transform; ``warm_up`` runs one batch
@@ -110,7 +134,8 @@ class SearchProgram:
         description=description)
 
   def run(self, source, *, warm_up: bool = False, description: str = ""):
-    """Every record of ``source`` searched: ``((image_ids [N, K], scores [N, K]), seconds)``."""
+    """Every record of ``source`` searched: ``((image_ids [N, K], scores [N, K], pruned_bound [N]),
+    seconds)``."""
     return self.map(self._search, source, warm_up=warm_up, description=description)
 
   def encode_seconds(self, source) -> float:
@@ -135,5 +160,6 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   arrays = abstract_arrays(num_images, c.ids.length, c.ids.codebook_size, rep)
   q, s = inference.round_batch(c.search.query_batch_size, mesh), c.data.image_size
   images = jax.ShapeDtypeStruct((q, s, s, 3), jnp.float32, sharding=parallel.batch_sharded(mesh))
-  fn = search_function(model, beam_size=c.search.beam_size, top_k=list_length(c, num_images))
+  fn = search_function(model, beam_size=evaluation_beams(c, num_images),
+                       top_k=list_length(c, num_images), loop=c.search.get("loop", "auto"))
   return {"beam_search": (fn, (params, arrays, images))}

@@ -160,9 +160,9 @@ def _settings_summary(settings: Mapping[str, Any]) -> str:
 
 def results_markdown(*, dataset: str, num_database: int, num_queries: int, ks: Sequence[int],
                      methods: Mapping[str, MethodResult], values: Mapping[str, Mapping[str, Any]],
-                     map_at: int, mrr_ks: Sequence[int]) -> str:
+                     map_at: int, mrr_ks: Sequence[int], extra: str = "") -> str:
   """results.md: Tables 1-2 layout (rows = methods grouped by search kind, columns = K), then MAP / MRR,
-  speed and index size, the reference code's precision, and the definitions."""
+  speed and index size, the reference code's precision, ``extra`` sections, and the definitions."""
   names = _ordered(methods)
   max_k = max(ks)
   out = [f"# Retrieval results — {dataset}", "",
@@ -176,6 +176,11 @@ def results_markdown(*, dataset: str, num_database: int, num_queries: int, ks: S
   mrr_cols = sorted(set(mrr_ks) | set(ks))
   columns = [(f"map@{map_at}", f"MAP@{map_at}")] + [(f"mrr@{k}", f"MRR@{k}") for k in mrr_cols]
   out += _table(names, methods, columns, values, _pct, True)
+  listed = [f"{n} (beams per level {methods[n].settings['beams_per_level']})" for n in names
+            if "beams_per_level" in methods[n].settings]
+  if listed:
+    out += ["", "Every column of " + ", ".join(listed) + " comes from that one search: its last levels "
+            "are widened so that its list is as long as the longest a metric reads."]
   short = [n for n in names if values[n]["num_retrieved"] < map_at]
   if short:
     out += ["", f"Retrieved fewer than {map_at} images (missing slots count as misses): "
@@ -202,8 +207,74 @@ def results_markdown(*, dataset: str, num_database: int, num_queries: int, ks: S
   out += ["", "## The reference code's precision (not standard precision@K; for comparison with its README)",
           ""]
   out += _table(names, methods, [(f"reference_precision@{k}", str(k)) for k in ks], values, _pct, False)
+  if extra:
+    out.append(extra.rstrip("\n"))
   out += ["", "## Definitions", ""]
   out += [f"- **{k}**: {d}" for k, d in DEFINITIONS.items()]
+  return "\n".join(out) + "\n"
+
+
+def diagnostics_markdown(d: Mapping[str, Any], values: Mapping[str, Mapping[str, Any]],
+                         ks: Sequence[int]) -> str:
+  """results.md's "Where precision is lost" section: the tokenizer's class head and identifiers, the
+  retriever's token accuracy on held-out pairs, and whether the beam is wide enough."""
+  if not d:
+    return ""
+  out = ["", "## Diagnostics: where precision is lost", ""]
+  tok, ret, beam = d.get("tokenizer", {}), d.get("retriever", {}), d.get("beam", {})
+  irgen = values.get("irgen", {})
+  line = []
+  if "head_accuracy" in tok:
+    line.append(f"the tokenizer's class head is right on **{_pct(tok['head_accuracy'])}%** of the queries")
+  if "precision@1" in irgen:
+    line.append(f"IRGen's first image on **{_pct(irgen['precision@1'])}%** (retriever and beam)")
+  if "precision_change@1" in beam:
+    line.append(f"twice the beams change that by {100 * beam['precision_change@1']:+.1f} points (on "
+                f"{beam['queries']} queries)")
+  if line:
+    out += ["Top 1: " + "; ".join(line) + ". The first is about what the tokenizer's features separate; "
+            "a gap to the second is the retriever's loss, the third the beam's.", ""]
+  if tok.get("levels"):
+    out += [f"**Tokenizer identifiers**: {tok.get('num_identifiers')} distinct, at most "
+            f"{tok.get('images_per_identifier_max')} images on one.", "",
+            "| Level | Perplexity | Unused codes | Prefix purity | Relative error |",
+            "|--:|--:|--:|--:|--:|"]
+    for m, lv in enumerate(tok["levels"], start=1):
+      out.append(f"| {m} | {_num(lv.get('perplexity'), '.1f')} | {_num(lv.get('unused_codes'), '.0f')} | "
+                 f"{_pct(lv.get('purity'))} | {_num(lv.get('relative_error'), '.4f')} |")
+    out += ["", "Prefix purity: the share of images whose level-m prefix carries its majority class."]
+    out += [f"- **Warning**: {w}." for w in tok.get("warnings", [])]
+    out.append("")
+  if ret.get("token_accuracy"):
+    acc = " / ".join(f"{_pct(a)}%" for a in ret["token_accuracy"])
+    out += [f"**Retriever** on {ret['pairs']} held-out pairs (a query, a random same-class database "
+            f"image's identifier): token accuracy per level {acc}, whole identifier "
+            f"{_pct(ret['sequence_accuracy'])}%, NLL {ret['nll']:.3f} nats. Within a class the target is "
+            "uniform, so past the class-deciding levels low accuracy is expected.", ""]
+  if beam.get("beams"):
+    text = f"**Beam**: beams per level {beam['beams']}"
+    if "queries" in beam:
+      k = max(ks)
+      text += (f"; searched again with {beam['check_beams']} on {beam['queries']} queries, the top {k} "
+               f"keeps {_pct(beam[f'overlap@{k}'])}% of its images and precision changes by "
+               + ", ".join(f"{100 * beam[f'precision_change@{kk}']:+.2f} (@{kk})" for kk in ks)
+               + " points")
+    text += (f"; {_pct(beam.get('certified'))}% of the lists are provably the exact top K under the "
+             "model. A precision change near 0 means the beam is wide enough.")
+    out += [text, ""]
+  return "\n".join(out)
+
+
+def timing_markdown(t: Mapping[str, Any]) -> str:
+  if not t:
+    return ""
+  out = ["", "## Time", "", "| Stage | Wall (s) | Steps | Steps/s |", "|:--|--:|--:|--:|"]
+  for stage, v in t.items():
+    wall = v.get("wall_s", v.get("wall_s_until_report"))
+    out.append(f"| {stage} | {_num(wall, '.1f')} | {v.get('steps', '–')} | "
+               f"{_num(v.get('steps_per_sec'), '.2f')} |")
+  out += ["", "Evaluate: until this report was written. Steps/s: the median of the logged windows "
+          "after the first (which holds the compile)."]
   return "\n".join(out) + "\n"
 
 
@@ -224,8 +295,13 @@ def write_report(out_dir: str | os.PathLike, *, dataset: str, ks: Sequence[int],
                  database_image: Callable[[int], Any] | None = None, num_gallery_queries: int = 8,
                  gallery_k: int | None = None, seed: int = 0, exact_method: str = "linear_scan",
                  map_at: int = metrics_lib.DEFAULT_MAP_AT,
-                 mrr_ks: Sequence[int] = metrics_lib.DEFAULT_MRR_KS) -> dict[str, Any]:
+                 mrr_ks: Sequence[int] = metrics_lib.DEFAULT_MRR_KS,
+                 diagnostics: Mapping[str, Any] | None = None,
+                 timing: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Evaluates ``methods`` and writes the report directory ``out_dir``, replacing it as a whole.
+
+  diagnostics: where precision is lost (tokenizer, retriever, beam; see ``diagnostics_markdown``),
+    reported in results.md and kept as is in metrics.json. timing: each stage's wall time and steps/s.
 
   methods: name -> MethodResult on the same Q queries (conventional names: irgen, linear_scan,
     linear_scan_cosine, faiss_ivfpq, scann). Approximate kinds get recall_vs_exact@K against
@@ -272,6 +348,7 @@ def write_report(out_dir: str | os.PathLike, *, dataset: str, ks: Sequence[int],
       "dataset": str(dataset), "num_database": int(len(database_labels)), "num_queries": int(q),
       "ks": list(ks), "map_at": int(map_at), "mrr_ks": list(mrr_ks),
       "methods": values,
+      "diagnostics": dict(diagnostics or {}), "timing": dict(timing or {}),
       "method_info": {n: {"kind": m.kind, "title": kind_title(m.kind), "settings": m.settings,
                           "exact_reference": refs[n]} for n, m in methods.items()},
       "curves": curves,
@@ -286,9 +363,11 @@ def write_report(out_dir: str | os.PathLike, *, dataset: str, ks: Sequence[int],
   kinds = {n: m.kind for n, m in methods.items()}
   ordered = _ordered(methods)
   files: dict[str, bytes] = {
-      "results.md": results_markdown(dataset=dataset, num_database=len(database_labels), num_queries=q,
-                                     ks=ks, methods=methods, values=values, map_at=map_at,
-                                     mrr_ks=mrr_ks).encode(),
+      "results.md": results_markdown(
+          dataset=dataset, num_database=len(database_labels), num_queries=q, ks=ks, methods=methods,
+          values=values, map_at=map_at, mrr_ks=mrr_ks,
+          extra=diagnostics_markdown(diagnostics or {}, values, ks) + timing_markdown(timing or {})
+      ).encode(),
       "precision_at_k.png": plots.precision_at_k_png({n: curves[n] for n in ordered}, kinds, ks, dataset),
       "pr_curve.png": plots.precision_recall_png({n: curves[n] for n in ordered}, kinds, dataset),
       "mrr.png": plots.mrr_png({n: {k: values[n][f"mrr@{k}"] for k in mrr_ks} for n in ordered}, kinds,

@@ -76,9 +76,9 @@ class SelfAttention(nn.Module):
   def __call__(self, x: jax.Array, cache: dict[str, jax.Array] | None = None, t: int | None = None):
     """Teacher forcing (``cache is None``): x ``[N, S, D]`` -> ``[N, S, D]``, position s sees 0..s.
 
-    Decoding: x ``[Q, B, D]`` is position ``t`` (static int) of every beam; ``cache`` holds ``k``, ``v``
-    ``[Q, B, M, H, Dh]``. Writes this position's key/value at ``t``, attends to positions 0..t, and returns
-    ``(y [Q, B, D], new cache)``.
+    Decoding: x ``[Q, B, D]`` is position ``t`` (an int, or a traced scalar) of every beam; ``cache``
+    holds ``k``, ``v`` ``[Q, B, M, H, Dh]``. Writes this position's key/value at ``t``, attends to
+    positions 0..t, and returns ``(y [Q, B, D], new cache)``.
     """
     d = x.shape[-1]
     h, dh = self.num_heads, d // self.num_heads
@@ -92,14 +92,22 @@ class SelfAttention(nn.Module):
       causal = jnp.tril(jnp.ones((s, s), bool))
       probs = _softmax(jnp.where(causal, logits, _MASKED), self.dtype)
       return out_proj(jnp.einsum("nhqk,nkhd->nqhd", probs, v))
-    # Static t: the update is a dynamic_update_slice at a constant offset and the read a static slice
-    # of t + 1 positions, so no mask is needed and each t compiles to its own small program.
     new = {
         "k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k[:, :, None].astype(cache["k"].dtype), t, 2),
         "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v[:, :, None].astype(cache["v"].dtype), t, 2),
     }
-    keys, values = new["k"][:, :, :t + 1], new["v"][:, :, :t + 1]  # [Q, B, t+1, H, Dh]
-    logits = jnp.einsum("qbhd,qbshd->qbhs", q, keys, preferred_element_type=jnp.float32)
+    if isinstance(t, int):
+      # Static t (the unrolled search): the read is a static slice of t + 1 positions, so no mask is
+      # needed and each t compiles to its own small program.
+      keys, values = new["k"][:, :, :t + 1], new["v"][:, :, :t + 1]  # [Q, B, t+1, H, Dh]
+      logits = jnp.einsum("qbhd,qbshd->qbhs", q, keys, preferred_element_type=jnp.float32)
+    else:
+      # Traced t (a search that scans its steps): every step reads the whole static-size cache and
+      # masks the positions after t; exp() of the masked logits is exactly 0, so only the order of
+      # the sums can differ from the static path (float rounding).
+      keys, values = new["k"], new["v"]                                # [Q, B, M, H, Dh]
+      logits = jnp.einsum("qbhd,qbshd->qbhs", q, keys, preferred_element_type=jnp.float32)
+      logits = jnp.where(jnp.arange(keys.shape[2]) <= t, logits, _MASKED)
     probs = _softmax(logits, self.dtype)
     return out_proj(jnp.einsum("qbhs,qbshd->qbhd", probs, values)), new
 
@@ -303,10 +311,16 @@ class Decoder(nn.Module):
       context: from :meth:`context`, leaves ``[Q, T, H, Dh]``.
       cache: from :meth:`init_cache` or a previous step (positions 0..t-1 filled), ``[Q, B, M, H, Dh]``.
       prev_tokens: int ``[Q, B]``, token t-1 of each beam; ignored at t = 0 (the start token is used).
-      t: Python int in [0, M); static, so each t is its own (small) program under ``jit``.
+      t: Python int in [0, M) (static: each t is its own small program under ``jit``), or a traced
+        int32 scalar (one program for every t, as a ``lax.scan`` over the steps needs; the cache is
+        read whole and masked after t).
     """
-    if not isinstance(t, int) or not 0 <= t < self.num_levels:
-      raise ValueError(f"t={t!r}: expected a Python int in [0, M={self.num_levels}).")
+    if isinstance(t, int):
+      if not 0 <= t < self.num_levels:
+        raise ValueError(f"t={t!r}: expected a Python int in [0, M={self.num_levels}).")
+    elif not (hasattr(t, "shape") and t.shape == () and jnp.issubdtype(t.dtype, jnp.integer)):
+      raise ValueError(f"t={t!r}: expected a Python int in [0, M={self.num_levels}) or an integer "
+                       "scalar array.")
     if len(cache) != self.depth or len(context) != self.depth:
       raise ValueError(f"cache has {len(cache)} and context {len(context)} blocks: expected "
                        f"depth={self.depth} each.")
@@ -316,10 +330,11 @@ class Decoder(nn.Module):
                        "(the cache's leading dims).")
     if context[0]["k"].shape[0] != q:
       raise ValueError(f"context has {context[0]['k'].shape[0]} queries, the cache {q}.")
-    if t == 0:
-      x = jnp.broadcast_to(self.start_token, (q, b, self.width))
+    if isinstance(t, int):
+      x = (jnp.broadcast_to(self.start_token, (q, b, self.width)) if t == 0
+           else self.token_embed(prev_tokens))
     else:
-      x = self.token_embed(prev_tokens)
+      x = jnp.where(t == 0, self.start_token, self.token_embed(prev_tokens))
     x = x + self.pos_embedding[t]
     new_cache = []
     for blk, kv, c in zip(self.blocks, context, cache):

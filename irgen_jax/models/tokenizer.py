@@ -79,6 +79,11 @@ class SemanticTokenizer(nn.Module):
     f_cls = tokens[:, 0].astype(jnp.float32)
     return f_cls if self.proj is None else self.proj(f_cls)
 
+  def features_and_logits(self, images: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(f_cls float32 ``[B, D]``, the class head's logits float32 ``[B, C]``): no codebooks needed."""
+    f_cls = self.features(images, train=train)
+    return f_cls, self.head(f_cls)
+
   def __call__(self, images: jax.Array, codebooks: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """Runs the tokenizer on ``images [B, H, W, 3]`` with ``codebooks float32 [M, L, D]``.
 

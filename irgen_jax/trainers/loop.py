@@ -68,22 +68,27 @@ class PreemptionGuard:
 
 
 class MetricWriter:
-  """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``) under a stage directory.
+  """JSON lines (``<name>.jsonl``) and TensorBoard events (``tb/``, or ``tb/<name>`` for other logs than
+  the step metrics) under a stage directory.
 
-  Resuming at ``resume_step`` drops the lines of later steps (the run redoes them) and tells
-  TensorBoard to discard its events from there (``purge_step``).
+  Resuming at ``resume_step`` drops the lines of later steps (the run redoes them; with
+  ``redo_resume_step`` the line of the resume step too, for events logged before a step such as codebook
+  refits) and tells TensorBoard to discard its events from there (``purge_step``).
   """
 
-  def __init__(self, directory: str, *, resume_step: int = 0):
+  def __init__(self, directory: str, *, resume_step: int = 0, name: str = "metrics",
+               redo_resume_step: bool = False):
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(directory, "metrics.jsonl")
+    self.path = os.path.join(directory, f"{name}.jsonl")
     self._tb = None
     if not self.enabled:
       return
     os.makedirs(directory, exist_ok=True)
-    truncate_log(self.path, keep=lambda step: step <= resume_step)
+    last = resume_step - 1 if redo_resume_step else resume_step
+    truncate_log(self.path, keep=lambda step: step <= last)
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-    self._tb = SummaryWriter(os.path.join(directory, "tb"), purge_step=resume_step or None)
+    tb = os.path.join(directory, "tb") if name == "metrics" else os.path.join(directory, "tb", name)
+    self._tb = SummaryWriter(tb, purge_step=resume_step or None)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -97,6 +102,14 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def write_events(directory: str, step: int, metrics: dict[str, float]) -> None:
+  """TensorBoard scalars at one step (e.g. the final identifiers' statistics)."""
+  from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+  with SummaryWriter(directory) as tb:
+    for k, v in metrics.items():
+      tb.add_scalar(k, float(v), step)
 
 
 def truncate_log(path: str, keep: Callable[[int], bool]) -> None:

@@ -3,7 +3,15 @@
 Alternating optimization (paper section 3.1): the network trains by gradient with the codebooks fixed;
 every ``refit_every_epochs`` epochs the codebooks are refit by k-means on the residuals of f_cls of the
 whole database, computed with the eval transform and the model in eval mode (``irgen_jax.features``).
-The first fit happens before step 0.
+
+The first fit comes after ``tokenizer.first_refit_steps`` steps (0: before step 0, as the reference).
+Until then there are no codebooks and the loss is the classifier's alone (the RQ terms are weighted
+0): k-means on the features of a random network gives codebooks that mean nothing and that the
+features leave behind within the first epoch (their mean square grows ~30x on Fashion-MNIST), so the
+prefix and residual terms would pull toward stale codewords. After it, the paper's objective (eq. 3).
+Each refit's identifier statistics (perplexity, unused codes, errors, prefix purity per level) go to
+``tokenizer/refits.jsonl`` and TensorBoard (``tb/refits``); a collapsing codebook is a warning naming
+its level.
 
 Outputs (``irgen_jax.workdir``): ``tokenizer/params/``, ``tokenizer/database_features.npy`` (f_cls of
 every database image, float32 [N, D]), ``tokenizer/identifiers.npz`` (``codes`` int32 [N, M] and, for
@@ -35,7 +43,7 @@ from irgen_jax.models.tokenizer import SemanticTokenizer
 from irgen_jax.trainers import loop, optim
 from irgen_jax.trainers.losses import tokenizer_loss
 from irgen_jax.errors import ConfigError
-from irgen_jax.workdir import (CONFIG, DATABASE_FEATURES, IDENTIFIERS, INDEX, REFITS, TOKENIZER_PARAMS,
+from irgen_jax.workdir import (CONFIG, DATABASE_FEATURES, IDENTIFIERS, INDEX, TOKENIZER_PARAMS,
                                TOKENIZER_STATS, Workdir)
 
 log = logging.getLogger(__name__)
@@ -57,8 +65,10 @@ def init_fn(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
     codebooks = jnp.zeros((m, l, d), jnp.float32)
     params = model.init(loop.init_key(c.seed, 1), jnp.zeros((1, s, s, 3), jnp.float32),
                         codebooks)["params"]
+    # rq_weight: 0 until the first codebook fit, then 1 (the RQ terms of the loss are on).
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(loop.init_key(c.seed, 2)), "codebooks": codebooks}
+            "rng": jax.random.key_data(loop.init_key(c.seed, 2)), "codebooks": codebooks,
+            "rq_weight": jnp.zeros((), jnp.float32)}
   return init
 
 
@@ -70,7 +80,8 @@ def make_train_step(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
     def loss_fn(params):
       out = model.apply({"params": optim.stop_frozen(params, frozen)}, batch["image"],
                         state["codebooks"], train=True)
-      return tokenizer_loss(out, batch["label"], lambda1=lambda1, lambda2=lambda2)
+      on = state["rq_weight"]
+      return tokenizer_loss(out, batch["label"], lambda1=lambda1 * on, lambda2=lambda2 * on)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -140,41 +151,42 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
     params = build.graft_clip(jax.device_get(state["params"]), t.encoder.clip_path, at="encoder")
     # AdamW's state is zeros whatever the params, so only the params change.
     return dict(state, params=parallel.replicate(params, mesh))
-  log.info("Tokenizer: %d train images, %d steps/epoch, %d steps, refit every %d steps.",
-           len(ds.train), steps_per_epoch, total, refit_every)
+  first_fit = min(int(t.get("first_refit_steps", 0)), total - 1)
+  log.info("Tokenizer: %d train images, %d steps/epoch, %d steps, codebooks fit at step %d and every "
+           "%d steps after.", len(ds.train), steps_per_epoch, total, first_fit, refit_every)
 
-  refit_log = workdir.path(REFITS)
-  refit_source = ds.database
+  refit_source, refit_labels = ds.database, ds.labels("database")
   if 0 < t.get("refit_max_images", 0) < len(ds.database):
     # A fixed sample: k-means on 20k points places 256 centroids about as well as on 60k, and the
     # refit's feature pass is most of its cost on small machines.
     rows = np.sort(np.random.default_rng(c.seed).choice(len(ds.database), t.refit_max_images,
                                                         replace=False))
-    refit_source = inference.Subset(ds.database, rows)
+    refit_source, refit_labels = inference.Subset(ds.database, rows), refit_labels[rows]
     log.info("Codebook refits use %d of the %d database images.", len(rows), len(ds.database))
-  first_step: list[int] = []
+  writer: list[loop.MetricWriter] = []
 
   def refit(step: int, state):
-    if not first_step:
-      # The first step this process runs is where it resumed: refits from there are redone, so
-      # their lines go (the log stays one line per refit, as in an uninterrupted run).
-      first_step.append(step)
-      if jax.process_index() == 0:
-        loop.truncate_log(refit_log, keep=lambda s: s < step)
-    if step % refit_every:
+    if not writer:
+      # The first step this process runs is where it resumed: the refit of that step is redone, so
+      # its line goes (the log stays one line per refit, as in an uninterrupted run).
+      writer.append(loop.MetricWriter(stage, resume_step=step, name="refits", redo_resume_step=True))
+    if step < first_fit or (step - first_fit) % refit_every:
       return state
     feats = features.of_source(model, state["params"], refit_source, c, mesh)
     codebooks = rq.fit_residual_codebooks(feats, c.ids.length, c.ids.codebook_size,
                                           iters=t.kmeans_iters, init=t.kmeans_init,
                                           seed=c.seed * 100003 + step)
     failpoints.hit("tokenizer.refit")
-    stats = rq.rq_statistics(feats, codebooks)
-    log.info("Step %d: codebooks refit; %d unique identifiers, relative error %.4f.", step,
-             stats["num_identifiers"], stats[f"relative_error_l{c.ids.length}"])
-    if jax.process_index() == 0:
-      with open(refit_log, "a") as f:
-        f.write(json.dumps({"step": step, **stats}) + "\n")
-    return dict(state, codebooks=parallel.replicate(codebooks, mesh))
+    codes = rq.encode(feats, codebooks)
+    stats = rq.rq_statistics(feats, codebooks, codes=codes)
+    stats.update({f"purity_l{m + 1}": p for m, p in
+                  enumerate(identifiers.prefix_purity(codes, refit_labels))})
+    log.info("Step %d: codebooks refit; %d unique identifiers, relative error %.4f, level-1 purity "
+             "%.3f.", step, stats["num_identifiers"], stats[f"relative_error_l{c.ids.length}"],
+             stats["purity_l1"])
+    writer[0].write(step, stats)
+    return dict(state, codebooks=parallel.replicate(codebooks, mesh),
+                rq_weight=parallel.replicate(jnp.ones((), jnp.float32), mesh))
 
   it = pipeline.train_iterator(ds.train, global_batch_size=t.batch_size,
                                image_size=c.data.image_size, seed=c.seed, crop_scale=c.data.crop_scale,
@@ -184,6 +196,8 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
                      checkpoint_every=c.checkpoint.every_steps, keep_checkpoints=c.checkpoint.keep,
                      log_every=c.log_every_steps, before_step=refit, starting_state=starting_state,
                      description="tokenizer")
+  if writer:
+    writer[0].close()
   return finalize(c, workdir, mesh, model, state["params"], ds)
 
 
@@ -198,6 +212,13 @@ def finalize(c, workdir: Workdir, mesh, model, params, ds) -> dict[str, Any]:
   stats = {"kind": c.ids.kind, **rq.identifier_stats(codes)}
   if "codebooks" in extra:
     stats.update(rq.rq_statistics(feats, extra["codebooks"], codes=codes))
+  stats.update({f"purity_l{m + 1}": p for m, p in
+                enumerate(identifiers.prefix_purity(codes, ds.labels("database")))})
+  for warning in identifiers.collapse_warnings(stats, c.ids.length, c.ids.codebook_size):
+    log.warning("Identifiers: %s.", warning)
+  if jax.process_index() == 0:
+    loop.write_events(workdir.path("tokenizer", "tb", "identifiers"), 0,
+                      {k: v for k, v in stats.items() if isinstance(v, (int, float))})
   index = Index.build(codes, c.ids.codebook_size)
   # The index's build cost, as the baselines' (their training included, the encoder's not):
   # identifiers from the database features, then the valid-identifier table.
