@@ -10,7 +10,6 @@ Everything else is a bug and keeps its traceback. The libraries' INFO chatter st
 
 from __future__ import annotations
 
-import difflib
 import logging
 import sys
 from typing import Callable, NoReturn, Sequence
@@ -39,20 +38,25 @@ def _config_argument(argv: Sequence[str], name: str) -> str | None:
   return value
 
 
-def _check_override(config, field: str) -> str | None:
-  """Why ``--config.FIELD`` names no field of ``config`` (None when it does)."""
-  node, walked = config, []
+def _value_problem(config, field: str, text: str) -> str | None:
+  """Why the flag text ``text`` is no value for ``field`` of a number or bool type (None when it is,
+  or when the field has another type: ml_collections parses those)."""
+  node = config
   for part in field.split("."):
-    keys = list(node.keys()) if hasattr(node, "keys") else []
-    if part not in keys:
-      where = ".".join(walked) or "the config"
-      close = difflib.get_close_matches(part, keys, n=3)
-      hint = f"; did you mean {', '.join(close)}?" if close else (
-          f"; its fields: {', '.join(sorted(keys))}" if keys else f" ({where} is not a section)")
-      return f"{'.'.join(walked + [part])!r} is not a field of {where}{hint}"
     node = node[part]
-    walked.append(part)
-  return None
+  kind = type(node)
+  if kind is bool:
+    ok = text.lower() in ("true", "false", "1", "0")
+  elif kind in (int, float):
+    try:
+      kind(text)
+      ok = True
+    except ValueError:
+      ok = False
+  else:
+    return None
+  name = {bool: "a bool (true or false)", int: "an int", float: "a float"}[kind]
+  return None if ok else f"expected {name}, the field's type (its default: {node!r})"
 
 
 def check_config_flags(argv: Sequence[str], name: str = "config") -> None:
@@ -68,8 +72,9 @@ def check_config_flags(argv: Sequence[str], name: str = "config") -> None:
   except UserError as e:
     fail(f"--{name}={value}: {e}")
   for arg in overrides:
-    field = arg[len(name) + 3:].split("=", 1)[0]
-    problem = _check_override(config, field)
+    field, _, text = arg[len(name) + 3:].partition("=")
+    problem = config_lib.field_problem(config, field) or (_value_problem(config, field, text)
+                                                          if text else None)
     if problem:
       fail(f"{arg}: {problem}")
 

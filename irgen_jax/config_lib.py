@@ -7,6 +7,8 @@ A config file is ``get_config(arg=None)``; ``arg`` is what follows the colon on 
 
 from __future__ import annotations
 
+import difflib
+
 import importlib.util
 import os
 import sys
@@ -43,19 +45,34 @@ def load(config_arg: str) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+def field_problem(c: ml_collections.ConfigDict, field: str) -> str | None:
+  """Why ``field`` ("a.b.c") names no field of ``c``, with the closest names; None when it does (the
+  one check behind ``--config.FIELD`` flags, sweep grids and ``override``)."""
+  node, walked = c, []
+  for part in field.split("."):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part not in keys:
+      where = ".".join(walked) or "the config"
+      close = difflib.get_close_matches(part, keys, n=3)
+      hint = f"; did you mean {', '.join(close)}?" if close else (
+          f"; its fields: {', '.join(sorted(keys))}" if keys else f" ({where} is not a section)")
+      return f"{'.'.join(walked + [part])!r} is not a field of {where}{hint}"
+    node = node[part]
+    walked.append(part)
+  return None
+
+
 def override(c: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
   """A copy of ``c`` with ``{"a.b": value}`` overrides applied; ``ConfigError`` naming a field that
   does not exist or a value of another type than the field's."""
   out = ml_collections.ConfigDict(c.to_dict())
   for field, value in overrides.items():
+    problem = field_problem(out, field)
+    if problem:
+      raise ConfigError(f"{field}: {problem}")
     node, parts = out, field.split(".")
-    for i, part in enumerate(parts[:-1]):
-      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ConfigError(f"{field}: {'.'.join(parts[:i + 1])!r} is not a section of the config.")
+    for part in parts[:-1]:
       node = node[part]
-    if parts[-1] not in node:
-      raise ConfigError(f"{field}: not a field of the config (its section has "
-                        f"{', '.join(sorted(node.keys()))}).")
     old = node[parts[-1]]
     if isinstance(old, (list, tuple)) and isinstance(value, (list, tuple)):
       value = type(old)(value)

@@ -110,7 +110,8 @@ def test_print_length_sweep_and_paper_sized_hkm(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--sweep=ids_size"], "declares no such sweep"),
-    (["--grid=tokenizer.lambda_2=0,1"], "lambda_2"),
+    (["--grid=tokenizer.lambda_2=0,1"],
+     "'tokenizer.lambda_2' is not a field of tokenizer; did you mean lambda2"),
     (["--grid=tokenizer.lambda2=0,fast"], "tokenizer.lambda2='fast'"),
     (["--sweep=seeds", "--seeds=2"], "sets the seed itself"),
 ])
