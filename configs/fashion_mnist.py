@@ -4,9 +4,9 @@
   python -m irgen_jax.main --config=configs/fashion_mnist.py:runlocal --workdir=/tmp/fm
 
 database = the 60,000 training images, queries = the 10,000 test images, positives = same class.
-Sizes are chosen so the whole job runs on a 2-core CPU in well under 20 minutes (12.5 measured; README):
-a small ViT trained from scratch on 28x28 inputs (no CLIP: Fashion-MNIST is far from CLIP's images
-and a 2-core CPU cannot run ViT-B), a 3-block decoder over the frozen stage-1 encoder.
+Sizes are chosen so the whole job runs on a 2-core CPU (12.5 to 25 minutes measured, by machine and
+load; README): a small ViT trained from scratch on 28x28 inputs (no CLIP: Fashion-MNIST is far from
+CLIP's images and a 2-core CPU cannot run ViT-B), a 3-block decoder over the frozen stage-1 encoder.
 """
 
 from irgen_jax import config_lib, sweeps

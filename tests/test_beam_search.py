@@ -372,20 +372,26 @@ def test_errors_name_the_bad_value(toy):
 # ------------------------------------------------------------------ the real decoder
 
 
-def test_real_decoder_beam_equals_exhaustive_scorer():
-  """With the real (tiny, random) retriever: B >= U gives the exhaustive scorer's top-K exactly, and the
-  beams' scores are the model's own teacher-forced log-probabilities (an independent code path)."""
+def tiny_retriever(m, l, depth):
+  """A real retriever (ViT of width 16 on 8x8 images, decoder of ``depth`` blocks) over M-token
+  identifiers of L codes: (model, random params, 3 images, its decode functions, the rng)."""
   from irgen_jax.decoding import program
   from irgen_jax.models import retriever
-  m, l = 3, 16
   model = retriever.Model(dict(width=16, depth=1, num_heads=2, patch_size=4, image_size=8),
-                          width=16, depth=1, num_heads=2, num_levels=m, num_tokens=l)
+                          width=16, depth=depth, num_heads=2, num_levels=m, num_tokens=l)
   rng = np.random.default_rng(0)
   # Random weights straight from the parameter shapes: no compiled init (slow on a loaded CPU).
   params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
                         retriever.param_shapes(model))
   images = jnp.asarray(rng.standard_normal((3, 8, 8, 3)), jnp.float32)
-  fns = program.retriever_decode_fns(model)
+  return model, params, images, program.retriever_decode_fns(model), rng
+
+
+def test_real_decoder_beam_equals_exhaustive_scorer():
+  """With the real (tiny, random) retriever: B >= U gives the exhaustive scorer's top-K exactly, and the
+  beams' scores are the model's own teacher-forced log-probabilities (an independent code path)."""
+  m, l = 3, 16
+  model, params, images, fns, rng = tiny_retriever(m, l, depth=1)
   codes = np.concatenate([rng.integers(0, l, (40, m)), np.tile(rng.integers(0, l, (1, m)), (6, 1))])
   index = Index.build(codes, l)  # 41 identifiers or fewer, one of them on 6 images
   arrays, idents = index.device_arrays(), jnp.asarray(index.identifiers())
@@ -444,18 +450,10 @@ def test_scan_equals_unroll_on_the_toy_model(beam):
 
 
 def test_scan_equals_unroll_with_the_real_decoder():
-  """A real (tiny, random) retriever over 24-token identifiers: the scanned search's decoder step
+  """A real (tiny, random) retriever over 12-token identifiers: the scanned search's decoder step
   (traced t: the whole cache read, later positions masked) gives the unrolled search's results."""
-  from irgen_jax.decoding import program
-  from irgen_jax.models import retriever
-  m, l = 24, 16
-  model = retriever.Model(dict(width=16, depth=1, num_heads=2, patch_size=4, image_size=8),
-                          width=16, depth=2, num_heads=2, num_levels=m, num_tokens=l)
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype),
-                        retriever.param_shapes(model))
-  images = jnp.asarray(rng.standard_normal((3, 8, 8, 3)), jnp.float32)
-  fns = program.retriever_decode_fns(model)
+  m, l = 12, 16
+  _, params, images, fns, rng = tiny_retriever(m, l, depth=2)
   arrays = Index.build(rng.integers(0, l, (200, m)), l).device_arrays()
   s0, s1 = bs.scanned_levels(arrays, bs.beam_widths(8, m), "auto")
   assert s1 - s0 >= bs.SCAN_MIN_LEVELS   # auto scans identifiers this long

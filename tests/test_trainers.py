@@ -268,17 +268,23 @@ def test_main_run_stops_before_any_stage(tmp_path, monkeypatch, case):
 # Non-finite loss in the real tokenizer trainer
 
 
+def _small_tokenizer_config(tmp_path):
+  """The small synthetic config of the two-process test (64 images, 4 steps an epoch), tokenizer only."""
+  sys.path.insert(0, HELPERS)
+  try:
+    import distributed_train
+  finally:
+    sys.path.remove(HELPERS)
+  c = distributed_train.config(str(tmp_path / "tfds"))
+  c.stages = "data,tokenizer"
+  return c
+
+
 @pytest.mark.slow
 def test_tokenizer_nan_loss_stops_naming_the_step(tmp_path):
   """lr = 1e30 blows the parameters up after the first update: the loss of step 2 is not finite."""
-  sys.path.insert(0, HELPERS)
-  try:
-    import distributed_train  # the small synthetic config of the two-process test
-  finally:
-    sys.path.remove(HELPERS)
   from irgen_jax import main
-  c = distributed_train.config(str(tmp_path / "tfds"))
-  c.stages = "data,tokenizer"
+  c = _small_tokenizer_config(tmp_path)
   c.tokenizer.update(lr=1e30, warmup_steps=0, grad_clip=0.0)
   c.checkpoint.every_steps = 1   # a checkpoint after every finite step
   workdir = tmp_path / "workdir"
@@ -303,14 +309,8 @@ def test_tokenizer_nan_loss_stops_naming_the_step(tmp_path):
 def test_tokenizer_first_fit_after_first_refit_steps(tmp_path):
   """With ``first_refit_steps=3`` the codebooks are first fit at step 3 (then every epoch of 4 steps):
   before it the loss is the classifier's alone (the RQ terms weigh 0), from it on the full objective."""
-  sys.path.insert(0, HELPERS)
-  try:
-    import distributed_train  # the small synthetic config of the two-process test
-  finally:
-    sys.path.remove(HELPERS)
   from irgen_jax import main
-  c = distributed_train.config(str(tmp_path / "tfds"))
-  c.stages = "data,tokenizer"
+  c = _small_tokenizer_config(tmp_path)
   c.tokenizer.first_refit_steps = 3
   workdir = tmp_path / "workdir"
   main.run(c, str(workdir))
