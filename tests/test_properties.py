@@ -5,6 +5,7 @@
 - Beam search: with as many beams as nodes at every depth it is exact (brute force over a toy model
   with no network); at any widths every beam is a valid identifier with its true log-probability.
 - Metrics: bounds and monotonicity that hold for any ranking.
+- Identifier diagnostics: prefix purity equals a count by dictionary, for any codes and labels.
 """
 
 import jax
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from irgen_jax import identifiers
 from irgen_jax.decoding import beam_search as bs
 from irgen_jax.decoding.index import Index, IndexArrays
 from irgen_jax.evaluators import metrics as M
@@ -164,3 +166,32 @@ def test_metric_bounds_and_monotonicity(retrieved, num_classes, seed):
   assert all((a <= b).all() for a, b in zip(recall, recall[1:]))  # recall@K never falls with K
   ap = M.average_precision_at(rel, npos, r=ranked.shape[1])
   assert ((0 <= ap) & (ap <= 1 + 1e-12)).all()
+
+
+@FAST
+@given(code_arrays(max_images=60, max_tokens=5), st.integers(1, 4), st.data())
+def test_prefix_purity_equals_a_count_by_dictionary(case, num_labels, data):
+  codes, _ = case
+  if not len(codes):
+    return
+  labels = data.draw(hnp.arrays(np.int64, len(codes), elements=st.integers(0, num_labels - 1)))
+  got = identifiers.prefix_purity(codes, labels)
+  for m in range(1, codes.shape[1] + 1):
+    groups = {}
+    for code, label in zip(map(tuple, codes[:, :m]), labels):
+      groups.setdefault(code, []).append(int(label))
+    want = sum(max(np.bincount(g)) for g in groups.values()) / len(codes)
+    assert abs(got[m - 1] - want) < 1e-12, (m, got, want)
+  assert all(a <= b + 1e-12 for a, b in zip(got, got[1:]))   # finer prefixes are never less pure
+
+
+def test_collapse_warnings_name_the_level():
+  healthy = {"unused_codes_l1": 3, "perplexity_l1": 200.0, "unused_codes_l2": 0, "perplexity_l2": 180.0,
+             "purity_l1": 0.9}
+  assert identifiers.collapse_warnings(healthy, 2, 256) == []
+  collapsed = dict(healthy, unused_codes_l2=250)
+  assert [w[:8] for w in identifiers.collapse_warnings(collapsed, 2, 256)] == ["level 2:"]
+  peaked = dict(healthy, perplexity_l1=4.0)
+  assert "perplexity 4.0" in identifiers.collapse_warnings(peaked, 2, 256)[0]
+  mixed = dict(healthy, purity_l1=0.3)
+  assert "not semantic" in identifiers.collapse_warnings(mixed, 2, 256)[0]
