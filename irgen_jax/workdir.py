@@ -199,7 +199,7 @@ class Workdir:
     for u in spec.upstream:
       problem = self.done_problem(u)
       if problem:
-        return f"the {u} stage it builds on is not done ({problem})"
+        return f"the {u} stage it builds on is not done either: {problem}"
       if self._marker_digest(u) != marker.get("upstream", {}).get(u):
         return f"the {u} stage ran again since it ran"
     if spec.reads_index and self._fingerprint(INDEX) != marker.get("index"):
@@ -214,7 +214,7 @@ class Workdir:
     problem = self.done_problem(stage)
     if problem:
       raise MissingFileError(
-          f"{self.root} has no valid {what}: the {stage} stage is not done ({problem}). Run it: "
+          f"{self.root} has no valid {what}: the {stage} stage is not done: {problem.rstrip('.')}. Run it: "
           f"python -m irgen_jax.main --workdir={self.root} (the run's own config; finished stages "
           "are skipped).")
 
