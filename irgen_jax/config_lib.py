@@ -8,7 +8,6 @@ A config file is ``get_config(arg=None)``; ``arg`` is what follows the colon on 
 from __future__ import annotations
 
 import difflib
-
 import importlib.util
 import os
 import sys

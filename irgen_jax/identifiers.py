@@ -93,6 +93,11 @@ def prefix_purity(codes: np.ndarray, labels: np.ndarray) -> list[float]:
   return out
 
 
+def purity_stats(codes: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """``{"purity_l1": ..., "purity_l{M}": ...}``: ``prefix_purity`` under the statistics' key names."""
+  return {f"purity_l{m + 1}": p for m, p in enumerate(prefix_purity(codes, labels))}
+
+
 def collapse_warnings(stats: dict[str, Any], length: int, codebook_size: int) -> list[str]:
   """What the identifier statistics say went wrong, naming the level: a codebook that collapsed (under a
   quarter of its codes used, or a perplexity under 5% of them) or prefixes that mix the classes."""

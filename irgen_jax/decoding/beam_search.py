@@ -152,10 +152,12 @@ def _check_logits(logits: jax.Array, q: int, b: int, num_tokens: int, t: int) ->
 def beam_widths(beam_size: int | tuple[int, ...], num_levels: int) -> tuple[int, ...]:
   """The beams kept after each of the M levels: ``B`` for every level, or a tuple of M widths (e.g. a
   search that widens its last levels so that its list holds more identifiers)."""
-  widths = (beam_size,) * num_levels if isinstance(beam_size, int) else tuple(beam_size)
-  if len(widths) != num_levels or not all(isinstance(w, int) and w >= 1 for w in widths):
-    raise ValueError(f"beam_size must be a positive int or {num_levels} positive ints (one per level); "
-                     f"got {beam_size!r}.")
+  widths = ((beam_size,) * num_levels if isinstance(beam_size, int) else
+            tuple(beam_size) if isinstance(beam_size, tuple) else ())
+  if len(widths) != num_levels or not all(
+      isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in widths):
+    raise ValueError(f"beam_size must be a positive int (or a tuple of {num_levels} of them, one per "
+                     f"level); got {beam_size!r}.")
   return widths
 
 
@@ -308,26 +310,27 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
       return _dense_lookups(index.masks[t], index.word_rank[t], index.first_child[t], num_tokens)
     return _sparse_lookups(index.first_child[t], index.child_token[t], index.max_fanout[t], num_tokens)
 
-  t = 0
-  while t < m:
-    if t == s0 and s1 > s0:
-      fc, ct, fanout = _stacked_levels(index, s0, s1)
-
-      def body(beams, xs):
-        level, first_child, child_token = xs
-        legal_of, child_of = _sparse_lookups(first_child, child_token, fanout, num_tokens)
-        # The scan reorders the cache at every level (its body is one program); after the last
-        # level of the search the reorder is wasted, once.
-        return _level(decode_fns, params, context, beams, level, widths[s0], num_tokens, legal_of,
-                      child_of, True, reorder), None
-      beams, _ = jax.lax.scan(body, beams, (jnp.arange(s0, s1, dtype=jnp.int32), fc, ct))
-      t = s1
-      continue
+  def unrolled(beams, t):
     legal_of, child_of = lookups(t)
     # The last step's cache is never read.
-    beams = _level(decode_fns, params, context, beams, t, widths[t], num_tokens, legal_of, child_of,
-                   t + 1 < m, reorder)
-    t += 1
+    return _level(decode_fns, params, context, beams, t, widths[t], num_tokens, legal_of, child_of,
+                  t + 1 < m, reorder)
+
+  for t in range(s0):
+    beams = unrolled(beams, t)
+  if s1 > s0:
+    fc, ct, fanout = _stacked_levels(index, s0, s1)
+
+    def body(beams, xs):
+      level, first_child, child_token = xs
+      legal_of, child_of = _sparse_lookups(first_child, child_token, fanout, num_tokens)
+      # The scan reorders the cache at every level (its body is one program); after the last level
+      # of the search the reorder is wasted, once.
+      return _level(decode_fns, params, context, beams, level, widths[s0], num_tokens, legal_of,
+                    child_of, True, reorder), None
+    beams, _ = jax.lax.scan(body, beams, (jnp.arange(s0, s1, dtype=jnp.int32), fc, ct))
+  for t in range(s1, m):   # s0 = s1 = 0 when nothing is scanned: every level here
+    beams = unrolled(beams, t)
   leaves = beams.node if constrained else jnp.full(beams.node.shape, -1, jnp.int32)
   return beams.tokens, leaves, beams.scores, beams.alive, beams.bound
 
@@ -354,12 +357,8 @@ def _expand(leaves: jax.Array, scores: jax.Array, alive: jax.Array, offsets: jax
   return ids.astype(jnp.int32), jnp.where(found, jnp.take_along_axis(scores, beam, axis=1), -jnp.inf)
 
 
-def _check_static(beam_size: int | tuple[int, ...], top_k: int, reorder: str, loop: str = "auto") -> None:
-  sizes = (beam_size,) if isinstance(beam_size, int) else beam_size
-  if not isinstance(sizes, tuple) or not sizes or not all(
-      isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
-    raise ValueError(f"beam_size must be a positive int (or a tuple of them, one per level); "
-                     f"got {beam_size!r}.")
+def _check_static(top_k: int, reorder: str, loop: str) -> None:
+  """The static arguments but ``beam_size`` (``beam_widths`` checks it against the index's M)."""
   if not isinstance(top_k, int) or top_k < 1:
     raise ValueError(f"top_k must be a positive int; got {top_k!r}.")
   if reorder not in REORDER_MODES:
@@ -395,7 +394,8 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
     identifier_scores float32 [Q, W] (W: the last level's width); beams in score order, each
     identifier's images in database order.
   """
-  _check_static(beam_size, top_k, reorder, loop)
+  _check_static(top_k, reorder, loop)
+  beam_widths(beam_size, index.num_levels)
   tokens, leaves, scores, alive, bound = _decode(decode_fns, params, index, queries, beam_size,
                                                  constrained, reorder, loop)
   if constrained:

@@ -65,14 +65,19 @@ def init_fn(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
     codebooks = jnp.zeros((m, l, d), jnp.float32)
     params = model.init(loop.init_key(c.seed, 1), jnp.zeros((1, s, s, 3), jnp.float32),
                         codebooks)["params"]
-    # rq_weight: 0 until the first codebook fit, then 1 (the RQ terms of the loss are on).
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(loop.init_key(c.seed, 2)), "codebooks": codebooks,
-            "rq_weight": jnp.zeros((), jnp.float32)}
+            "rng": jax.random.key_data(loop.init_key(c.seed, 2)), "codebooks": codebooks}
   return init
 
 
-def make_train_step(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
+def first_fit_step(c: ml_collections.ConfigDict, total_steps: int) -> int:
+  """The step before which the codebooks are first fit (``tokenizer.first_refit_steps``, at most the
+  last step)."""
+  return min(int(c.tokenizer.get("first_refit_steps", 0)), total_steps - 1)
+
+
+def make_train_step(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict, first_fit: int = 0):
+  """The jitted step; before step ``first_fit`` (no codebooks fit yet) the RQ terms of the loss weigh 0."""
   lambda1, lambda2 = float(c.tokenizer.lambda1), float(c.tokenizer.lambda2)
   frozen = optim.frozen_groups(optim.stage_multipliers(c.tokenizer))
 
@@ -80,7 +85,7 @@ def make_train_step(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
     def loss_fn(params):
       out = model.apply({"params": optim.stop_frozen(params, frozen)}, batch["image"],
                         state["codebooks"], train=True)
-      on = state["rq_weight"]
+      on = (state["step"] >= first_fit).astype(jnp.float32)
       return tokenizer_loss(out, batch["label"], lambda1=lambda1 * on, lambda2=lambda2 * on)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -151,7 +156,7 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
     params = build.graft_clip(jax.device_get(state["params"]), t.encoder.clip_path, at="encoder")
     # AdamW's state is zeros whatever the params, so only the params change.
     return dict(state, params=parallel.replicate(params, mesh))
-  first_fit = min(int(t.get("first_refit_steps", 0)), total - 1)
+  first_fit = first_fit_step(c, total)
   log.info("Tokenizer: %d train images, %d steps/epoch, %d steps, codebooks fit at step %d and every "
            "%d steps after.", len(ds.train), steps_per_epoch, total, first_fit, refit_every)
 
@@ -179,19 +184,17 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
     failpoints.hit("tokenizer.refit")
     codes = rq.encode(feats, codebooks)
     stats = rq.rq_statistics(feats, codebooks, codes=codes)
-    stats.update({f"purity_l{m + 1}": p for m, p in
-                  enumerate(identifiers.prefix_purity(codes, refit_labels))})
+    stats.update(identifiers.purity_stats(codes, refit_labels))
     log.info("Step %d: codebooks refit; %d unique identifiers, relative error %.4f, level-1 purity "
              "%.3f.", step, stats["num_identifiers"], stats[f"relative_error_l{c.ids.length}"],
              stats["purity_l1"])
     writer[0].write(step, stats)
-    return dict(state, codebooks=parallel.replicate(codebooks, mesh),
-                rq_weight=parallel.replicate(jnp.ones((), jnp.float32), mesh))
+    return dict(state, codebooks=parallel.replicate(codebooks, mesh))
 
   it = pipeline.train_iterator(ds.train, global_batch_size=t.batch_size,
                                image_size=c.data.image_size, seed=c.seed, crop_scale=c.data.crop_scale,
                                flip=c.data.flip, num_workers=c.data.num_workers)
-  state = loop.train(stage_dir=stage, state=state, train_step=make_train_step(model, tx, c),
+  state = loop.train(stage_dir=stage, state=state, train_step=make_train_step(model, tx, c, first_fit),
                      data_iterator=it, mesh=mesh, total_steps=total,
                      checkpoint_every=c.checkpoint.every_steps, keep_checkpoints=c.checkpoint.keep,
                      log_every=c.log_every_steps, before_step=refit, starting_state=starting_state,
@@ -212,8 +215,7 @@ def finalize(c, workdir: Workdir, mesh, model, params, ds) -> dict[str, Any]:
   stats = {"kind": c.ids.kind, **rq.identifier_stats(codes)}
   if "codebooks" in extra:
     stats.update(rq.rq_statistics(feats, extra["codebooks"], codes=codes))
-  stats.update({f"purity_l{m + 1}": p for m, p in
-                enumerate(identifiers.prefix_purity(codes, ds.labels("database")))})
+  stats.update(identifiers.purity_stats(codes, ds.labels("database")))
   for warning in identifiers.collapse_warnings(stats, c.ids.length, c.ids.codebook_size):
     log.warning("Identifiers: %s.", warning)
   if jax.process_index() == 0:
