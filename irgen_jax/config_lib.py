@@ -155,8 +155,19 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   # Identifiers: M tokens in [0, L). kind: "semantic" (the paper's tokenizer), "random" (random codes),
-  # "hkm" (hierarchical k-means over the tokenizer's features, hkm_clusters per level).
-  c.ids = dict(kind="semantic", length=4, codebook_size=256, hkm_clusters=100)
+  # "hkm" (hierarchical k-means over the tokenizer's features, hkm_clusters per level), "rqvae" (an
+  # RQ-VAE trained on the database's pixels: length = latent_size² · depth; models/rqvae.py).
+  c.ids = dict(
+      kind="semantic", length=4, codebook_size=256, hkm_clusters=100,
+      # The paper's setting: an 8x8 map, depth 4, one shared codebook of ids.codebook_size codes.
+      # channels: conv widths, one per stride-2 downsampling (the image is resized to
+      # latent_size * 2^len(channels)). beta: the commitment weight; the codebook is an EMA with dead
+      # codes restarted (ema_decay, restart_below).
+      rqvae=dict(latent_size=8, depth=4, latent_dim=64, channels=(64, 128, 128, 256, 256),
+                 beta=0.25, ema_decay=0.99, restart_below=1.0,
+                 batch_size=128, num_epochs=10.0, lr=1e-3, warmup_steps=200, weight_decay=0.0,
+                 grad_clip=1.0),
+  )
 
   encoder = dict(
       variant="B/16",       # from irgen_jax.models.vit's table; "" = the free sizes below
@@ -225,6 +236,8 @@ def runlocal_sizes(c: ml_collections.ConfigDict) -> None:
   c.compute_dtype = "float32"
   c.data.update(max_database=256, max_queries=32, num_workers=0)
   c.ids.codebook_size = 16
+  c.ids.rqvae.update(latent_size=2, depth=2, latent_dim=8, channels=(8, 16), batch_size=32,
+                     num_epochs=2.0, warmup_steps=2)
   tiny = dict(variant="", width=32, depth=1, num_heads=2, patch_size=8, init="random", act="gelu")
   c.tokenizer.encoder.update(tiny)
   c.retriever.encoder.update(tiny)
@@ -242,6 +255,14 @@ def runlocal_sizes(c: ml_collections.ConfigDict) -> None:
 
 
 STAGES = ("data", "tokenizer", "retriever", "evaluate")
+IDENTIFIER_KINDS = ("semantic", "random", "hkm", "rqvae")
+
+
+def tokenizer_levels(c: ml_collections.ConfigDict) -> int:
+  """M of the semantic tokenizer's residual quantizer: the identifier's length, except with RQ-VAE
+  identifiers, whose length counts every latent position (the semantic tokenizer, trained for the
+  retriever's encoder and the baselines' features, then quantizes to the RQ-VAE's depth)."""
+  return int(c.ids.rqvae.depth) if c.ids.kind == "rqvae" else int(c.ids.length)
 
 
 def stages(c: ml_collections.ConfigDict) -> list[str]:
@@ -276,8 +297,22 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   need(0 < fraction <= 1, "data.indexed_fraction", fraction, "a fraction in (0, 1]")
   lo, hi = c.data.crop_scale
   need(0 < lo <= hi <= 1, "data.crop_scale", tuple(c.data.crop_scale), "0 < min <= max <= 1")
-  need(c.ids.kind in ("semantic", "random", "hkm"), "ids.kind", c.ids.kind,
-       "'semantic', 'random' or 'hkm'")
+  need(c.ids.kind in IDENTIFIER_KINDS, "ids.kind", c.ids.kind,
+       "'semantic', 'random', 'hkm' or 'rqvae'")
+  if c.ids.kind == "rqvae":
+    v = c.ids.rqvae
+    need(v.latent_size >= 1, "ids.rqvae.latent_size", v.latent_size, "a latent map side >= 1")
+    need(v.depth >= 1, "ids.rqvae.depth", v.depth, "a quantization depth >= 1")
+    need(len(v.channels) >= 1, "ids.rqvae.channels", tuple(v.channels),
+         "one conv width per downsampling, at least one")
+    need(c.ids.length == v.latent_size ** 2 * v.depth, "ids.length", c.ids.length,
+         f"latent_size² · depth = {v.latent_size ** 2 * v.depth} for RQ-VAE identifiers "
+         f"(ids.rqvae.latent_size={v.latent_size}, ids.rqvae.depth={v.depth})")
+    need(v.batch_size > 0 and v.batch_size % num_devices == 0, "ids.rqvae.batch_size", v.batch_size,
+         f"a positive multiple of the device count ({num_devices})")
+    need(v.batch_size % num_processes == 0, "ids.rqvae.batch_size", v.batch_size,
+         f"divisible by the process count ({num_processes})")
+    need(0 < v.ema_decay < 1, "ids.rqvae.ema_decay", v.ema_decay, "a decay in (0, 1)")
   # Up to 256 tokens (the paper's RQ-VAE identifiers): beyond 16 the search scans its levels.
   need(1 <= c.ids.length <= 256, "ids.length", c.ids.length, "an identifier length M in [1, 256]")
   need(2 <= c.ids.codebook_size <= 65536, "ids.codebook_size", c.ids.codebook_size,

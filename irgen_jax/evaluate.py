@@ -39,7 +39,8 @@ from irgen_jax.decoding.program import SearchProgram, list_length
 from irgen_jax.evaluators import baselines, metrics, report
 from irgen_jax.evaluators.results import MethodResult
 from irgen_jax.models import build, vit
-from irgen_jax.workdir import REPORT, TOKENIZER_STATS, IndexedImages, Workdir
+from irgen_jax.workdir import (REPORT, RQVAE, RQVAE_RECONSTRUCTIONS, TOKENIZER_STATS, IndexedImages,
+                               Workdir)
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,8 @@ def _tokenizer_diagnostics(c, wd: Workdir, ds, q_logits) -> dict[str, Any]:
     out["levels"].append({k: stats.get(f"{k}_l{m}") for k in
                           ("perplexity", "unused_codes", "purity", "relative_error")})
   out["warnings"] = identifiers.collapse_warnings(stats, c.ids.length, c.ids.codebook_size)
+  if "reconstruction_mse" in stats:
+    out.update(reconstruction_mse=stats["reconstruction_mse"], reconstructions=RECONSTRUCTIONS_FIGURE)
   return out
 
 
@@ -195,14 +198,30 @@ def _clip_features(c, path: str, ds, database, mesh):
   return db, q, encode_s
 
 
+RECONSTRUCTIONS_FIGURE = "rqvae_reconstructions.png"
+
+
+def _figures(c, wd: Workdir) -> dict[str, bytes]:
+  """The tokenizer stage's figures the report shows: the RQ-VAE's reconstructions."""
+  if c.ids.kind != "rqvae" or not os.path.exists(wd.path(RQVAE_RECONSTRUCTIONS)):
+    return {}
+  with open(wd.path(RQVAE_RECONSTRUCTIONS), "rb") as f:
+    return {RECONSTRUCTIONS_FIGURE: f.read()}
+
+
 def _timing(wd: Workdir, started: float) -> dict[str, Any]:
   """Each stage's wall time (its done marker) and training speed (its metrics log), for the report."""
   out = {}
-  for stage in ("data", "tokenizer", "retriever"):
+  for stage in ("data", "tokenizer", "rqvae", "retriever"):
     entry = {}
     if os.path.exists(wd.done_marker(stage)):
       entry["wall_s"] = files.read_json(wd.done_marker(stage)).get("wall_s")
-    log_path = wd.path(stage, "metrics.jsonl")
+    if stage == "rqvae" and os.path.exists(wd.path(TOKENIZER_STATS)):
+      # The RQ-VAE trains (and codes the database) inside the tokenizer stage, whose time includes it.
+      rqvae_s = files.read_json(wd.path(TOKENIZER_STATS)).get("rqvae_s")
+      if rqvae_s is not None:
+        entry["wall_s"] = rqvae_s
+    log_path = wd.path(RQVAE if stage == "rqvae" else stage, "metrics.jsonl")
     if os.path.exists(log_path):
       with open(log_path) as f:
         lines = [json.loads(line) for line in f if line.strip()]
@@ -258,7 +277,7 @@ def run(c: ml_collections.ConfigDict, wd: Workdir, mesh) -> dict[str, Any]:
         query_image=lambda i: ds.query[int(i)]["image"],
         database_image=lambda j: indexed.image_or_placeholder(int(j)),
         num_gallery_queries=c.eval.gallery_queries, seed=c.seed, map_at=c.eval.map_at,
-        diagnostics=diagnostics, timing=_timing(wd, started))
+        diagnostics=diagnostics, timing=_timing(wd, started), figures=_figures(c, wd))
   parallel.sync("report written")
   summary = {name: {k: v for k, v in m.items() if k.startswith(("precision@", "recall@"))}
              for name, m in result.get("methods", {}).items()}

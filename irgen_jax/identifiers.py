@@ -6,15 +6,21 @@
 - ``hkm``: hierarchical k-means over the tokenizer's features (the "HKM_k" ablation, as DSI/NCI build
   document identifiers): ``k`` clusters at the first level, each cluster split into ``k`` again, and so
   on for M levels; a group of at most ``k`` points gets one code per point.
+- ``rqvae``: the codes of an RQ-VAE trained on the database's pixels (the paper's RQ-VAE ablation); they
+  come from the images, not from these features: ``trainers.train_rqvae``.
 
 ``assign`` gives the indexed database its identifiers (the tokenizer stage); ``for_new_images`` gives
-images inserted later theirs, by the same kind and, for semantic identifiers, the same function.
+images inserted later theirs, by the same kind and, for semantic identifiers, the same function;
+``rqvae_codes`` codes images with a trained RQ-VAE, for both.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from irgen_jax.models import rq
@@ -41,6 +47,9 @@ def assign(kind: str, features: np.ndarray, *, length: int, codebook_size: int, 
                        f"({codebook_size}).")
     return hierarchical_kmeans(features, levels=length, clusters=hkm_clusters, iters=kmeans_iters,
                                seed=seed), {}
+  if kind == "rqvae":
+    raise ValueError("ids.kind='rqvae': RQ-VAE identifiers are codes of the pixels, assigned by "
+                     "trainers.train_rqvae, not of the tokenizer's features.")
   raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
 
 
@@ -74,6 +83,22 @@ def for_new_images(kind: str, features: np.ndarray, *, length: int, codebook_siz
     _, nearest = flat.search(np.ascontiguousarray(features), 1)
     return np.asarray(indexed_codes)[nearest[:, 0]].astype(np.int32)
   raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
+
+
+def rqvae_codes(model, params, codebook, source, c, mesh, description: str = "") -> np.ndarray:
+  """RQ-VAE identifiers, int32 ``[n, H·W·D]``, of every record of ``source`` (eval transform): the
+  database's at the end of training, and inserted images' with the run's saved RQ-VAE and codebook (the
+  same function: an image equal to a database image gets that image's identifier)."""
+  from irgen_jax import inference  # imported here: only RQ-VAE identifiers run a model here
+
+  @jax.jit
+  def codes(params, codebook, images):
+    return model.apply({"params": params}, images, codebook, method="identifiers")
+  out, _ = inference.map_split(functools.partial(codes, params, jnp.asarray(codebook, jnp.float32)),
+                               source, mesh=mesh, batch_size=c.search.query_batch_size * 4,
+                               image_size=c.data.image_size, resize_size=c.data.resize_size,
+                               description=description)
+  return np.asarray(out, np.int32)
 
 
 def prefix_purity(codes: np.ndarray, labels: np.ndarray) -> list[float]:
@@ -112,8 +137,11 @@ def collapse_warnings(stats: dict[str, Any], length: int, codebook_size: int) ->
                  "codes (a collapsing codebook)")
   purity = stats.get("purity_l1")
   if purity is not None and purity < 0.5:
+    why = ("the identifiers are not semantic yet (an undertrained tokenizer?)"
+           if stats.get("kind", "semantic") == "semantic" else
+           f"{stats['kind']} identifiers do not follow the classes")
     out.append(f"level 1: only {100 * purity:.0f}% of the images share their first token's majority "
-               "class: the identifiers are not semantic yet (an undertrained tokenizer?)")
+               f"class: {why}")
   return out
 
 

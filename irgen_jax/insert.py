@@ -190,11 +190,16 @@ def _insert(wd: Workdir, c, indexed: IndexedImages, source, batch: dict[str, Any
   model, params = wd.load_tokenizer(c, indexed.dataset.num_classes)
   feats = features.of_source(model, params, source, c, mesh, description="new image features")
   stored = wd.load_identifiers()
-  codes = identifiers.for_new_images(
-      c.ids.kind, feats, length=c.ids.length, codebook_size=c.ids.codebook_size, seed=c.seed,
-      num_indexed=indexed.num_images, codebooks=stored.get("codebooks"),
-      indexed_features=indexed.features() if c.ids.kind == "hkm" else None,
-      indexed_codes=indexed.index.codes() if c.ids.kind == "hkm" else None)
+  if c.ids.kind == "rqvae":  # codes of the pixels, by the run's RQ-VAE
+    rq_model, rq_params = wd.load_rqvae(c)
+    codes = identifiers.rqvae_codes(rq_model, rq_params, stored["rqvae_codebook"], source, c, mesh,
+                                    description="new image identifiers")
+  else:
+    codes = identifiers.for_new_images(
+        c.ids.kind, feats, length=c.ids.length, codebook_size=c.ids.codebook_size, seed=c.seed,
+        num_indexed=indexed.num_images, codebooks=stored.get("codebooks"),
+        indexed_features=indexed.features() if c.ids.kind == "hkm" else None,
+        indexed_codes=indexed.index.codes() if c.ids.kind == "hkm" else None)
   before = indexed.num_images
   new = commit(indexed, batch, feats, codes)
   seen = {tuple(r) for r in indexed.index.identifiers().tolist()} if before else set()

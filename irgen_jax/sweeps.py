@@ -18,8 +18,8 @@ A ``Sweep`` is a list of points, each a dict ``{field: value}`` of config overri
 A point whose value is ``Reuse(...)`` takes a trained stage from another point of the same sweep
 (``tokenizer.reuse_from``: every identifier kind reuses one trained tokenizer); the runner turns it into
 that point's workdir and runs that point first. ``standard(config)`` gives every config the sweeps it
-shares: ``seeds`` (3 seeds), ``ids_kind`` (the paper's Table 3: semantic, random, HKM 100/200/500) and
-``ids_length`` (Table 4: M = 2, 4, 6, 8).
+shares: ``seeds`` (3 seeds), ``ids_kind`` (the paper's Table 3: semantic, random, HKM 100/200/500,
+RQ-VAE) and ``ids_length`` (Table 4: M = 2, 4, 6, 8).
 """
 
 from __future__ import annotations
@@ -110,22 +110,29 @@ HKM_CLUSTERS = (100, 200, 500)
 LENGTHS = (2, 4, 6, 8)
 
 
-def ids_kind(codebook_size: int) -> Sweep:
+def ids_kind(codebook_size: int, rqvae_length: int | None = None) -> Sweep:
   """The paper's Table 3: ours (semantic), random codes, hierarchical k-means with 100 / 200 / 500
-  clusters per level over the tokenizer's features. Every kind but ours reuses the semantic point's
-  trained tokenizer (training the tokenizer does not depend on the kind); HKM with k clusters needs k
-  tokens per level, so ``ids.codebook_size`` becomes max(L, k)."""
-  from_ours = reuse(set={"ids.kind": "semantic"}, drop=("ids.hkm_clusters", "ids.codebook_size"))
+  clusters per level over the tokenizer's features and, with ``rqvae_length`` (the config's
+  latent_size² · depth), RQ-VAE codes of the pixels. Every kind but ours reuses the semantic point's
+  trained tokenizer (training the tokenizer does not depend on the kind; with RQ-VAE identifiers it
+  still gives the retriever its encoder and the baselines their features); HKM with k clusters needs
+  k tokens per level, so ``ids.codebook_size`` becomes max(L, k)."""
+  from_ours = reuse(set={"ids.kind": "semantic"},
+                    drop=("ids.hkm_clusters", "ids.codebook_size", "ids.length"))
   out = [{"ids.kind": "semantic"}, {"ids.kind": "random", "tokenizer.reuse_from": from_ours}]
   for k in HKM_CLUSTERS:
     p = {"ids.kind": "hkm", "ids.hkm_clusters": k, "tokenizer.reuse_from": from_ours}
     if k > codebook_size:
       p["ids.codebook_size"] = k
     out.append(p)
+  if rqvae_length is not None:
+    out.append({"ids.kind": "rqvae", "ids.length": rqvae_length, "tokenizer.reuse_from": from_ours})
   return out
 
 
 def standard(config) -> dict[str, Sweep]:
   """The sweeps every config has: ``seeds``, ``ids_kind``, ``ids_length``."""
-  return {"seeds": seeds(3), "ids_kind": ids_kind(int(config.ids.codebook_size)),
+  v = config.ids.rqvae
+  return {"seeds": seeds(3),
+          "ids_kind": ids_kind(int(config.ids.codebook_size), int(v.latent_size) ** 2 * int(v.depth)),
           "ids_length": values("ids.length", LENGTHS)}

@@ -8,6 +8,7 @@
     tokenizer/database_features.npy   f_cls of the indexed database images, float32 [N0, D]
     tokenizer/identifiers.npz    codes int32 [N0, M] (+ codebooks float32 [M, L, D] when semantic)
     tokenizer/stats.json, tokenizer/refits.jsonl
+    tokenizer/rqvae/             ids.kind="rqvae": the RQ-VAE's params/, reconstructions.png, checkpoints
     retriever/params/            trained retriever (orbax)
     <stage>/checkpoints/, <stage>/metrics.jsonl, <stage>/tb/    training state, logs, TensorBoard
     report/                      metrics.json, results.md, plots, gallery.html (evaluate stage)
@@ -58,6 +59,9 @@ DATABASE_FEATURES = "tokenizer/database_features.npy"
 IDENTIFIERS = "tokenizer/identifiers.npz"
 TOKENIZER_STATS = "tokenizer/stats.json"
 REFITS = "tokenizer/refits.jsonl"
+RQVAE = "tokenizer/rqvae"                  # the RQ-VAE of ids.kind="rqvae": its checkpoints and logs
+RQVAE_PARAMS = "tokenizer/rqvae/params"
+RQVAE_RECONSTRUCTIONS = "tokenizer/rqvae/reconstructions.png"
 RETRIEVER_PARAMS = "retriever/params"
 REPORT = "report"
 REPORT_METRICS = "report/metrics.json"
@@ -71,13 +75,15 @@ class StageFiles:
   """What a stage writes (workdir-relative paths) and what it builds on."""
   outputs: tuple[str, ...]
   upstream: tuple[str, ...] = ()   # stages whose outputs it reads
+  optional: tuple[str, ...] = ()   # outputs only some configs write: checked when the marker has them
   reads_index: bool = False        # the index: the one input that changes outside a stage (inserts)
 
 
 STAGE_FILES = {
     "data": StageFiles(outputs=()),  # the dataset lives under data.data_dir: see done_problem
     "tokenizer": StageFiles(outputs=(TOKENIZER_PARAMS, DATABASE_FEATURES, IDENTIFIERS,
-                                     TOKENIZER_STATS, INDEX)),
+                                     TOKENIZER_STATS, INDEX),
+                            optional=(RQVAE_PARAMS, RQVAE_RECONSTRUCTIONS)),
     "retriever": StageFiles(outputs=(RETRIEVER_PARAMS,), upstream=("tokenizer",)),
     "evaluate": StageFiles(outputs=(REPORT,), upstream=("tokenizer", "retriever"), reads_index=True),
 }
@@ -158,7 +164,8 @@ class Workdir:
     missing = [p for p in spec.outputs if not os.path.exists(self.path(p))]
     if missing:
       raise RuntimeError(f"Stage {stage} finished without writing {', '.join(missing)}.")
-    marker = {**info, "outputs": {p: self._fingerprint(p) for p in spec.outputs},
+    written = spec.outputs + tuple(p for p in spec.optional if os.path.exists(self.path(p)))
+    marker = {**info, "outputs": {p: self._fingerprint(p) for p in written},
               "upstream": {u: self._marker_digest(u) for u in spec.upstream}}
     if spec.reads_index:
       marker["index"] = self._fingerprint(INDEX)
@@ -187,7 +194,7 @@ class Workdir:
     recorded = marker.get("outputs")
     if recorded is None:
       return "its marker records no fingerprints (written by an older version)"
-    for p in spec.outputs:
+    for p in spec.outputs + tuple(p for p in spec.optional if p in recorded):
       if not os.path.exists(self.path(p)):
         return f"its output {self.path(p)} is missing"
       if p == INDEX:
@@ -240,6 +247,11 @@ class Workdir:
     """The trained tokenizer ``(model, params)``."""
     model = build.tokenizer(c, num_classes)
     return model, self.load_params(TOKENIZER_PARAMS, build.tokenizer_param_shapes(c, model))
+
+  def load_rqvae(self, c: ml_collections.ConfigDict):
+    """The trained RQ-VAE of an ``ids.kind="rqvae"`` run ``(model, params)``."""
+    model = build.rqvae(c)
+    return model, self.load_params(RQVAE_PARAMS, build.rqvae_param_shapes(c, model))
 
   def load_retriever(self, c: ml_collections.ConfigDict):
     """The trained retriever ``(model, params)``."""

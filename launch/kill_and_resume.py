@@ -14,8 +14,9 @@ every kill point (``POINTS``; ``irgen_jax.failpoints`` names them), a run in OUT
 2. the same command again, without the failpoint, must finish;
 3. every artifact the stage writes must be byte-identical to the reference's (``ARTIFACTS``): the
    identifiers and codebooks, the database features, ``index.irgx``, both stages' parameters (as
-   arrays), ``tokenizer/stats.json`` and ``report/metrics.json`` without their timing fields, and the
-   metric logs (``{tokenizer,retriever}/metrics.jsonl`` without ``steps_per_sec``,
+   arrays; the RQ-VAE's too with ``ids.kind="rqvae"``), ``tokenizer/stats.json`` and
+   ``report/metrics.json`` without their timing fields, and the metric logs
+   (``{tokenizer,retriever,tokenizer/rqvae}/metrics.jsonl`` without ``steps_per_sec``,
    ``tokenizer/refits.jsonl``). The stages after the point's start from identical files, so they are
    not run again (``--all_stages`` runs them and compares their artifacts too).
 
@@ -72,12 +73,13 @@ ARTIFACTS = {
     "tokenizer": (("index.irgx", "bytes"), ("tokenizer/database_features.npy", "bytes"),
                   ("tokenizer/refits.jsonl", "bytes"), ("tokenizer/identifiers.npz", "npz"),
                   ("tokenizer/stats.json", "json"), ("tokenizer/metrics.jsonl", "jsonl"),
-                  ("tokenizer/params", "params")),
+                  ("tokenizer/params", "params"), ("tokenizer/rqvae/params", "params"),
+                  ("tokenizer/rqvae/metrics.jsonl", "jsonl")),
     "retriever": (("retriever/metrics.jsonl", "jsonl"), ("retriever/params", "params")),
     "evaluate": (("report/metrics.json", "json"),),
 }
-TIMING_KEYS = frozenset({"timing", "qps", "qps_with_encoder", "search_s", "encode_s", "build_s", "index_build_s",
-                         "steps_per_sec", "wall_s", "seconds"})
+TIMING_KEYS = frozenset({"timing", "qps", "qps_with_encoder", "search_s", "encode_s", "build_s",
+                         "index_build_s", "rqvae_s", "steps_per_sec", "wall_s", "seconds"})
 INSERT_IMAGES = 6
 
 

@@ -74,12 +74,14 @@ def test_print_kind_sweep(tmp_path, capsys):
   root = str(tmp_path / "kind")
   flags = _printed(capsys, f"--config={RUNLOCAL}", "--sweep=ids_kind", f"--workdir={root}",
                    "--config.data.data_dir=/data/tfds")
-  assert len(flags) == 5
+  assert len(flags) == 6
   assert all(f["config"] == RUNLOCAL and f["config.data.data_dir"] == "/data/tfds" for f in flags)
-  assert [f["config.ids.kind"] for f in flags] == ["semantic", "random", "hkm", "hkm", "hkm"]
-  assert [f.get("config.ids.hkm_clusters") for f in flags] == [None, None, "100", "200", "500"]
+  assert [f["config.ids.kind"] for f in flags] == ["semantic", "random", "hkm", "hkm", "hkm", "rqvae"]
+  assert [f.get("config.ids.hkm_clusters") for f in flags] == [None, None, "100", "200", "500", None]
   # runlocal has L=16 tokens per level: HKM with k clusters needs k.
-  assert [f.get("config.ids.codebook_size") for f in flags] == [None, None, "100", "200", "500"]
+  assert [f.get("config.ids.codebook_size") for f in flags] == [None, None, "100", "200", "500", None]
+  # RQ-VAE identifiers: runlocal's 2x2 map at depth 2.
+  assert [f.get("config.ids.length") for f in flags] == [None] * 5 + ["8"]
   # Every kind but ours reuses the semantic point's trained tokenizer.
   assert "config.tokenizer.reuse_from" not in flags[0]
   assert all(f["config.tokenizer.reuse_from"] == flags[0]["workdir"] for f in flags[1:])
@@ -90,7 +92,7 @@ def test_print_kind_sweep(tmp_path, capsys):
 def test_print_kind_sweep_with_seeds_reuses_the_same_seed(tmp_path, capsys):
   flags = _printed(capsys, f"--config={RUNLOCAL}", "--sweep=ids_kind", "--seeds=2",
                    f"--workdir={tmp_path}")
-  assert len(flags) == 10
+  assert len(flags) == 12
   semantic = {f["config.seed"]: f["workdir"] for f in flags if f["config.ids.kind"] == "semantic"}
   for f in flags:
     if f["config.ids.kind"] != "semantic":

@@ -57,7 +57,7 @@ def parallel_step_report(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["tokenizer", "retriever"])
+@pytest.mark.parametrize("stage", ["tokenizer", "retriever", "rqvae"])
 def test_train_step_on_8_devices_equals_1_device(parallel_step_report, stage):
   r = parallel_step_report[stage]
   assert parallel_step_report["devices"] == 8
@@ -72,6 +72,8 @@ def test_train_step_on_8_devices_equals_1_device(parallel_step_report, stage):
   # ... and the entries left out of params_rel_diff (attention key biases) have a gradient that is
   # rounding noise: their AdamW update is +-lr on one device as on eight, whatever the noise.
   assert r["key_bias_gradient_ratio"] < 1e-6, r
+  if stage == "rqvae":
+    assert max(r["codebook_rel_diff"]) <= TOLERANCE, r
 
 
 # --------------------------------------------------------------------------------------------------

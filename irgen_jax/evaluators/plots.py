@@ -1,5 +1,5 @@
 """The report's figures as PNG bytes: precision@K against K, the precision-recall (TPR) curve (the paper's
-Figure 3), and MRR at 1/2/4/8 (Figure 4).
+Figure 3), MRR at 1/2/4/8 (Figure 4), and image grids (the RQ-VAE's reconstructions).
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot, so no global
 backend switch and no interactive state leaks into (or from) the caller's process.
@@ -101,4 +101,24 @@ def mrr_png(mrr: Mapping[str, Mapping[int, float]], kinds: Mapping[str, str], da
   ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
   ax.minorticks_off()
   _legend(ax, len(mrr))
+  return _png(fig)
+
+
+def image_grid_png(rows: Sequence[Sequence[np.ndarray]], *, row_titles: Sequence[str] = (),
+                   scale: int = 0) -> bytes:
+  """PNG of images in rows (uint8 ``[H, W]`` or ``[H, W, 3]``, one size), each row titled on its left;
+  small images are scaled up by ``scale`` (0: to about 96 pixels), without smoothing."""
+  h, w = np.asarray(rows[0][0]).shape[:2]
+  scale = scale or max(1, 96 // max(h, w))
+  cols = max(len(r) for r in rows)
+  fig = Figure(figsize=(cols * w * scale / 100 + 1.0, len(rows) * h * scale / 100))
+  for i, row in enumerate(rows):
+    for j, img in enumerate(row):
+      ax = fig.add_subplot(len(rows), cols, i * cols + j + 1)
+      ax.imshow(np.asarray(img), cmap="gray", interpolation="nearest", vmin=0, vmax=255)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j == 0 and i < len(row_titles):
+        ax.set_ylabel(row_titles[i])
+  fig.subplots_adjust(wspace=0.05, hspace=0.05)
   return _png(fig)

@@ -243,6 +243,10 @@ def diagnostics_markdown(d: Mapping[str, Any], values: Mapping[str, Mapping[str,
       out.append(f"| {m} | {_num(lv.get('perplexity'), '.1f')} | {_num(lv.get('unused_codes'), '.0f')} | "
                  f"{_pct(lv.get('purity'))} | {_num(lv.get('relative_error'), '.4f')} |")
     out += ["", "Prefix purity: the share of images whose level-m prefix carries its majority class."]
+    if tok.get("reconstruction_mse") is not None:
+      out += ["", f"**RQ-VAE identifiers**: database reconstruction MSE {tok['reconstruction_mse']:.4f} "
+              "(normalized pixels); database images (top) over their reconstructions from the codes:", "",
+              f"![RQ-VAE reconstructions]({tok.get('reconstructions', 'rqvae_reconstructions.png')})", ""]
     out += [f"- **Warning**: {w}." for w in tok.get("warnings", [])]
     out.append("")
   if ret.get("token_accuracy"):
@@ -297,9 +301,11 @@ def write_report(out_dir: str | os.PathLike, *, dataset: str, ks: Sequence[int],
                  map_at: int = metrics_lib.DEFAULT_MAP_AT,
                  mrr_ks: Sequence[int] = metrics_lib.DEFAULT_MRR_KS,
                  diagnostics: Mapping[str, Any] | None = None,
-                 timing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 timing: Mapping[str, Any] | None = None,
+                 figures: Mapping[str, bytes] | None = None) -> dict[str, Any]:
   """Evaluates ``methods`` and writes the report directory ``out_dir``, replacing it as a whole.
 
+  figures: extra PNG files of the report ({file name: bytes}, e.g. the RQ-VAE's reconstructions).
   diagnostics: where precision is lost (tokenizer, retriever, beam; see ``diagnostics_markdown``),
     reported in results.md and kept as is in metrics.json. timing: each stage's wall time and steps/s.
 
@@ -373,6 +379,10 @@ def write_report(out_dir: str | os.PathLike, *, dataset: str, ks: Sequence[int],
       "mrr.png": plots.mrr_png({n: {k: values[n][f"mrr@{k}"] for k in mrr_ks} for n in ordered}, kinds,
                                dataset),
   }
+  for fname, png in (figures or {}).items():
+    if fname in files or "/" in fname:
+      raise ValueError(f"figure name {fname!r}: expected a file name other than the report's own.")
+    files[fname] = png
   if gallery_queries:
     files["gallery.html"] = gallery_lib.gallery_html(
         dataset=dataset, query_indices=gallery_queries, query_labels=query_labels,

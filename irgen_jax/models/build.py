@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from irgen_jax.errors import ConfigError
+from irgen_jax import config_lib
 from irgen_jax.models import retriever as retriever_lib
+from irgen_jax.models import rqvae as rqvae_lib
 from irgen_jax.models import vit
 from irgen_jax.models.tokenizer import SemanticTokenizer
 
@@ -60,7 +62,7 @@ def tokenizer(c: ml_collections.ConfigDict, num_classes: int) -> SemanticTokeniz
   t = c.tokenizer
   enc = encoder(t.encoder, image_size=c.data.image_size, dtype=compute_dtype(c),
                 from_clip=t.encoder.init == "clip")
-  return SemanticTokenizer(encoder=enc, num_classes=num_classes, num_levels=c.ids.length,
+  return SemanticTokenizer(encoder=enc, num_classes=num_classes, num_levels=config_lib.tokenizer_levels(c),
                            proj_dim=t.proj_dim or None, shared_rq_head=t.shared_head)
 
 
@@ -71,10 +73,26 @@ def feature_dim(model: SemanticTokenizer) -> int:
 
 def tokenizer_param_shapes(c: ml_collections.ConfigDict, model: SemanticTokenizer) -> Any:
   s = c.data.image_size
-  codebooks = jax.ShapeDtypeStruct((c.ids.length, c.ids.codebook_size, feature_dim(model)),
-                                   jnp.float32)
+  codebooks = jax.ShapeDtypeStruct(
+      (config_lib.tokenizer_levels(c), c.ids.codebook_size, feature_dim(model)), jnp.float32)
   return jax.eval_shape(model.init, jax.random.key(0),
                         jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32), codebooks)["params"]
+
+
+# ------------------------------------------------------------------------------ RQ-VAE identifiers
+
+
+def rqvae(c: ml_collections.ConfigDict) -> rqvae_lib.RQVAE:
+  v = c.ids.rqvae
+  return rqvae_lib.RQVAE(image_size=c.data.image_size, latent_size=v.latent_size, depth=v.depth,
+                         latent_dim=v.latent_dim, channels=tuple(v.channels))
+
+
+def rqvae_param_shapes(c: ml_collections.ConfigDict, model: rqvae_lib.RQVAE) -> Any:
+  s = c.data.image_size
+  codebook = jax.ShapeDtypeStruct((c.ids.codebook_size, model.latent_dim), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32), codebook)["params"]
 
 
 # ------------------------------------------------------------------------------------------ retriever

@@ -16,7 +16,9 @@ its level.
 Outputs (``irgen_jax.workdir``): ``tokenizer/params/``, ``tokenizer/database_features.npy`` (f_cls of
 every database image, float32 [N, D]), ``tokenizer/identifiers.npz`` (``codes`` int32 [N, M] and, for
 semantic identifiers, ``codebooks`` [M, L, D]), ``tokenizer/stats.json``, ``tokenizer/refits.jsonl``
-and the index ``index.irgx``.
+and the index ``index.irgx``. With ``ids.kind="rqvae"`` the identifiers are an RQ-VAE's codes of the
+pixels (``trainers.train_rqvae``, under ``tokenizer/rqvae/``; ``rqvae_codebook`` [L, C] in the npz), and
+this tokenizer quantizes to the RQ-VAE's depth (``config_lib.tokenizer_levels``).
 
 Failpoints: ``tokenizer.refit`` inside every refit (features computed, codebooks not yet in the state),
 ``tokenizer.outputs`` between the files ``finalize`` writes; and the loop's (``trainers.loop``).
@@ -40,7 +42,7 @@ from irgen_jax.data import pipeline, registry
 from irgen_jax.decoding.index import Index
 from irgen_jax.models import build, rq
 from irgen_jax.models.tokenizer import SemanticTokenizer
-from irgen_jax.trainers import loop, optim
+from irgen_jax.trainers import loop, optim, train_rqvae
 from irgen_jax.trainers.losses import tokenizer_loss
 from irgen_jax.errors import ConfigError
 from irgen_jax.workdir import (CONFIG, DATABASE_FEATURES, IDENTIFIERS, INDEX, TOKENIZER_PARAMS,
@@ -59,7 +61,7 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
 def init_fn(model: SemanticTokenizer, tx, c: ml_collections.ConfigDict):
   """``() -> state``: params, optimizer state, step, rng and zero codebooks (fit before step 0)."""
   s = c.data.image_size
-  m, l, d = c.ids.length, c.ids.codebook_size, build.feature_dim(model)
+  m, l, d = config_lib.tokenizer_levels(c), c.ids.codebook_size, build.feature_dim(model)
 
   def init():
     codebooks = jnp.zeros((m, l, d), jnp.float32)
@@ -106,9 +108,10 @@ def stage(config, wd: Workdir, mesh) -> dict[str, Any]:
 
 # What another run's tokenizer must share with this run to stand in for its own: the architecture (an
 # error otherwise) and, to mean the same thing, the data (a warning otherwise). The identifiers' own
-# settings (ids.kind, codebook_size, hkm_clusters) may differ: that is the point of reusing it.
+# settings (ids.kind, length, codebook_size, hkm_clusters, rqvae) may differ: that is the point of
+# reusing it; only per-level heads (tokenizer.shared_head=False) fix its number of levels.
 _REUSE_ARCHITECTURE = ("tokenizer.encoder.", "tokenizer.proj_dim", "tokenizer.shared_head",
-                       "data.image_size", "ids.length")
+                       "data.image_size")
 _REUSE_DATA = ("data.name", "data.resize_size", "data.max_database", "data.indexed_fraction",
                "data.manual_dir", "data.synthetic.")
 
@@ -126,9 +129,13 @@ def reuse(config, wd: Workdir, mesh) -> dict[str, Any]:
   def differing(prefixes):
     return [f"{k}={theirs.get(k)!r} (here {ours[k]!r})" for k in sorted(ours)
             if k.startswith(prefixes) and theirs.get(k) != ours[k]]
-  if differing(_REUSE_ARCHITECTURE):
+  problems = differing(_REUSE_ARCHITECTURE)
+  levels = config_lib.tokenizer_levels(source.load_config()), config_lib.tokenizer_levels(config)
+  if not config.tokenizer.shared_head and levels[0] != levels[1]:
+    problems.append(f"{levels[0]} quantizer levels, each with its own head (here {levels[1]})")
+  if problems:
     raise ConfigError(f"config.tokenizer.reuse_from={source.root!r}: its tokenizer has another "
-                      "architecture: " + ", ".join(differing(_REUSE_ARCHITECTURE)) + ".")
+                      "architecture: " + ", ".join(problems) + ".")
   if differing(_REUSE_DATA):
     log.warning("config.tokenizer.reuse_from=%s was trained on other data: %s.", source.root,
                 ", ".join(differing(_REUSE_DATA)))
@@ -169,6 +176,7 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
     refit_source, refit_labels = inference.Subset(ds.database, rows), refit_labels[rows]
     log.info("Codebook refits use %d of the %d database images.", len(rows), len(ds.database))
   writer: list[loop.MetricWriter] = []
+  levels = config_lib.tokenizer_levels(c)
 
   def refit(step: int, state):
     if not writer:
@@ -178,7 +186,7 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
     if step < first_fit or (step - first_fit) % refit_every:
       return state
     feats = features.of_source(model, state["params"], refit_source, c, mesh)
-    codebooks = rq.fit_residual_codebooks(feats, c.ids.length, c.ids.codebook_size,
+    codebooks = rq.fit_residual_codebooks(feats, levels, c.ids.codebook_size,
                                           iters=t.kmeans_iters, init=t.kmeans_init,
                                           seed=c.seed * 100003 + step)
     failpoints.hit("tokenizer.refit")
@@ -186,7 +194,7 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
     stats = rq.rq_statistics(feats, codebooks, codes=codes)
     stats.update(identifiers.purity_stats(codes, refit_labels))
     log.info("Step %d: codebooks refit; %d unique identifiers, relative error %.4f, level-1 purity "
-             "%.3f.", step, stats["num_identifiers"], stats[f"relative_error_l{c.ids.length}"],
+             "%.3f.", step, stats["num_identifiers"], stats[f"relative_error_l{levels}"],
              stats["purity_l1"])
     writer[0].write(step, stats)
     return dict(state, codebooks=parallel.replicate(codebooks, mesh))
@@ -208,13 +216,17 @@ def finalize(c, workdir: Workdir, mesh, model, params, ds) -> dict[str, Any]:
   """Final features → identifiers of the config's kind → index; every file written atomically."""
   feats = features.of_source(model, params, ds.database, c, mesh, description="database features")
   t0 = time.perf_counter()
-  codes, extra = identifiers.assign(
-      c.ids.kind, feats, length=c.ids.length, codebook_size=c.ids.codebook_size, seed=c.seed,
-      kmeans_iters=c.tokenizer.kmeans_iters, kmeans_init=c.tokenizer.kmeans_init,
-      hkm_clusters=c.ids.hkm_clusters)
-  stats = {"kind": c.ids.kind, **rq.identifier_stats(codes)}
-  if "codebooks" in extra:
-    stats.update(rq.rq_statistics(feats, extra["codebooks"], codes=codes))
+  if c.ids.kind == "rqvae":  # codes of the pixels: the features serve the retriever and the baselines
+    codes, extra = train_rqvae.train(c, workdir, mesh, ds.database)
+    kind_stats = {"reconstruction_mse": extra.pop("reconstruction_mse"),
+                  "rqvae_s": time.perf_counter() - t0, **train_rqvae.statistics(codes, c)}
+  else:
+    codes, extra = identifiers.assign(
+        c.ids.kind, feats, length=c.ids.length, codebook_size=c.ids.codebook_size, seed=c.seed,
+        kmeans_iters=c.tokenizer.kmeans_iters, kmeans_init=c.tokenizer.kmeans_init,
+        hkm_clusters=c.ids.hkm_clusters)
+    kind_stats = rq.rq_statistics(feats, extra["codebooks"], codes=codes) if "codebooks" in extra else {}
+  stats = {"kind": c.ids.kind, **rq.identifier_stats(codes), **kind_stats}
   stats.update(identifiers.purity_stats(codes, ds.labels("database")))
   for warning in identifiers.collapse_warnings(stats, c.ids.length, c.ids.codebook_size):
     log.warning("Identifiers: %s.", warning)
@@ -250,4 +262,7 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   sharded = parallel.batch_sharded(mesh)
   batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=sharded),
            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
-  return {"tokenizer_train_step": (make_train_step(model, tx, c), (state, batch))}
+  programs = {"tokenizer_train_step": (make_train_step(model, tx, c), (state, batch))}
+  if c.ids.kind == "rqvae":  # the RQ-VAE trains inside this stage
+    programs.update(train_rqvae.aot_program(c, mesh))
+  return programs

@@ -3,8 +3,8 @@
   python tests/helpers/parallel_step.py OUT.json
 
 The device count of the CPU backend is fixed when jax is imported, so this runs as its own process
-(``--xla_force_host_platform_device_count=8`` is set below, before the import). For the tokenizer and
-the retriever train step of ``configs/fashion_mnist.py:runlocal`` (warmup off, so the first step
+(``--xla_force_host_platform_device_count=8`` is set below, before the import). For the tokenizer, the
+retriever and the RQ-VAE train step of ``configs/fashion_mnist.py:runlocal`` (warmup off, so the first step
 already moves the parameters), the same initial state and the same global batches go through
 ``STEPS`` steps on a 1-device mesh and on the 8-device ``data`` mesh (``parallel.make_mesh``). Writes
 per stage and step, as JSON: the loss on each mesh, the relative differences
@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from irgen_jax import parallel  # noqa: E402
 from irgen_jax.models import build  # noqa: E402
 from irgen_jax.trainers import train_retriever as retriever  # noqa: E402
+from irgen_jax.trainers import train_rqvae as rqvae  # noqa: E402
 from irgen_jax.trainers import train_tokenizer as tokenizer  # noqa: E402
 
 STEPS = 2
@@ -47,7 +48,7 @@ def load_config():
 
 
 def batches(c, stage, rng):
-  s, b = c.data.image_size, c[stage].batch_size
+  s, b = c.data.image_size, (c.ids.rqvae if stage == "rqvae" else c[stage]).batch_size
   out = []
   for _ in range(STEPS):
     batch = {"image": rng.normal(size=(b, s, s, 3)).astype(np.float32)}
@@ -68,6 +69,12 @@ def run(c, stage, mesh, data):
     codebooks = data["codebooks"]
     state = dict(state, codebooks=parallel.replicate(codebooks, mesh))
     step = tokenizer.make_train_step(model, tx, c)
+  elif stage == "rqvae":
+    c = rqvae_config(c)
+    model = build.rqvae(c)
+    tx = rqvae.make_optimizer(c, total_steps=10)
+    state = parallel.create_replicated(rqvae.init_fn(model, tx, c), mesh)
+    step = rqvae.make_train_step(model, tx, c)
   else:
     model = build.retriever(c)
     tx = retriever.make_optimizer(c, total_steps=10)
@@ -83,8 +90,16 @@ def run(c, stage, mesh, data):
     leaf = jax.tree.leaves(state["params"])[0]
     shardings.add(f"{type(leaf.sharding).__name__} over {len(leaf.sharding.device_set)} device(s)")
     out.append((float(parallel.to_host(metrics["loss"])),
-                parallel.to_host({"params": state["params"], "opt": state["opt"]})))
+                parallel.to_host({k: state[k] for k in ("params", "opt", "codebook") if k in state})))
   return out, sorted(shardings), initial
+
+
+def rqvae_config(c):
+  """The runlocal config with RQ-VAE identifiers (the RQ-VAE's own warmup off too)."""
+  c = c.copy_and_resolve_references()
+  c.ids.kind, c.ids.length = "rqvae", c.ids.rqvae.latent_size ** 2 * c.ids.rqvae.depth
+  c.ids.rqvae.warmup_steps = 0
+  return c
 
 
 def rel_diff(a, b, skip_key_biases=False):
@@ -144,7 +159,7 @@ def main(argv):
   rng = np.random.default_rng(0)
   feature_dim = c.tokenizer.encoder.width
   report = {"devices": jax.device_count()}
-  for stage in ("tokenizer", "retriever"):
+  for stage in ("tokenizer", "retriever", "rqvae"):
     data = {"batches": batches(c, stage, rng),
             "codebooks": rng.normal(scale=0.1, size=(c.ids.length, c.ids.codebook_size,
                                                       feature_dim)).astype(np.float32),
@@ -167,6 +182,9 @@ def main(argv):
         "params_update_rel": global_rel_diff(one[-1][1]["params"], initial),
         "shardings_1": one_shardings, "shardings_8": eight_shardings,
     }
+    if stage == "rqvae":  # the EMA codebook (its first step restarts every code at batch vectors)
+      report[stage]["codebook_rel_diff"] = [rel_diff(s8["codebook"], s1["codebook"])
+                                            for (_, s8), (_, s1) in zip(eight, one)]
   with open(argv[1], "w") as f:
     json.dump(report, f, indent=1)
   print(json.dumps(report))
