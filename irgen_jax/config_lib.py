@@ -161,8 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
       kind="semantic", length=4, codebook_size=256, hkm_clusters=100,
       # The paper's setting: an 8x8 map, depth 4, one shared codebook of ids.codebook_size codes.
       # channels: conv widths, one per stride-2 downsampling (the image is resized to
-      # latent_size * 2^len(channels)). beta: the commitment weight; the codebook is an EMA with dead
-      # codes restarted (ema_decay, restart_below).
+      # latent_size * 2^len(channels)). beta: the commitment weight; the codebook is an EMA (ema_decay)
+      # whose codes assigned fewer than restart_below vectors per step restart at batch vectors.
       rqvae=dict(latent_size=8, depth=4, latent_dim=64, channels=(64, 128, 128, 256, 256),
                  beta=0.25, ema_decay=0.99, restart_below=1.0,
                  batch_size=128, num_epochs=10.0, lr=1e-3, warmup_steps=200, weight_decay=0.0,
@@ -303,8 +303,14 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
     v = c.ids.rqvae
     need(v.latent_size >= 1, "ids.rqvae.latent_size", v.latent_size, "a latent map side >= 1")
     need(v.depth >= 1, "ids.rqvae.depth", v.depth, "a quantization depth >= 1")
-    need(len(v.channels) >= 1, "ids.rqvae.channels", tuple(v.channels),
-         "one conv width per downsampling, at least one")
+    need(len(v.channels) >= 1 and all(int(ch) >= 1 for ch in v.channels), "ids.rqvae.channels",
+         tuple(v.channels), "one positive conv width per downsampling, at least one")
+    need(v.latent_dim >= 1, "ids.rqvae.latent_dim", v.latent_dim, "a codeword width >= 1")
+    need(v.beta >= 0, "ids.rqvae.beta", v.beta, "a commitment weight >= 0")
+    need(v.restart_below >= 0, "ids.rqvae.restart_below", v.restart_below,
+         ">= 0 (0: dead codes are never restarted)")
+    need(v.num_epochs > 0, "ids.rqvae.num_epochs", v.num_epochs, "> 0")
+    need(v.lr > 0, "ids.rqvae.lr", v.lr, "> 0")
     need(c.ids.length == v.latent_size ** 2 * v.depth, "ids.length", c.ids.length,
          f"latent_size² · depth = {v.latent_size ** 2 * v.depth} for RQ-VAE identifiers "
          f"(ids.rqvae.latent_size={v.latent_size}, ids.rqvae.depth={v.depth})")

@@ -148,12 +148,22 @@ def _tokenizer_diagnostics(c, wd: Workdir, ds, q_logits) -> dict[str, Any]:
   out = {"head_accuracy": float((np.asarray(q_logits).argmax(-1) == ds.labels("query")).mean()),
          "num_identifiers": stats.get("num_identifiers"),
          "images_per_identifier_max": stats.get("images_per_identifier_max"), "levels": []}
+  out["warnings"] = identifiers.collapse_warnings(stats, c.ids.length, c.ids.codebook_size)
+  if c.ids.kind == "rqvae":
+    # H·W·D positions, not levels of one quantizer: the shared codebook's use, and prefix purity at
+    # a few prefix lengths.
+    lengths = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if m <= c.ids.length}
+                     | {c.ids.length})
+    out["rqvae"] = {"reconstruction_mse": stats.get("reconstruction_mse"),
+                    "codebook_perplexity": stats.get("codebook_perplexity"),
+                    "codebook_unused_codes": stats.get("codebook_unused_codes"),
+                    "codebook_size": c.ids.codebook_size,
+                    "purity": {m: stats.get(f"purity_l{m}") for m in lengths},
+                    "reconstructions": RECONSTRUCTIONS_FIGURE}
+    return out
   for m in range(1, c.ids.length + 1):
     out["levels"].append({k: stats.get(f"{k}_l{m}") for k in
                           ("perplexity", "unused_codes", "purity", "relative_error")})
-  out["warnings"] = identifiers.collapse_warnings(stats, c.ids.length, c.ids.codebook_size)
-  if "reconstruction_mse" in stats:
-    out.update(reconstruction_mse=stats["reconstruction_mse"], reconstructions=RECONSTRUCTIONS_FIGURE)
   return out
 
 

@@ -50,7 +50,7 @@ def assign(kind: str, features: np.ndarray, *, length: int, codebook_size: int, 
   if kind == "rqvae":
     raise ValueError("ids.kind='rqvae': RQ-VAE identifiers are codes of the pixels, assigned by "
                      "trainers.train_rqvae, not of the tokenizer's features.")
-  raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
+  raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random', 'hkm' or 'rqvae'.")
 
 
 def for_new_images(kind: str, features: np.ndarray, *, length: int, codebook_size: int, seed: int,
@@ -82,7 +82,7 @@ def for_new_images(kind: str, features: np.ndarray, *, length: int, codebook_siz
     flat.add(known)
     _, nearest = flat.search(np.ascontiguousarray(features), 1)
     return np.asarray(indexed_codes)[nearest[:, 0]].astype(np.int32)
-  raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random' or 'hkm'.")
+  raise ValueError(f"ids.kind={kind!r}: expected 'semantic', 'random', 'hkm' or 'rqvae'.")
 
 
 def rqvae_codes(model, params, codebook, source, c, mesh, description: str = "") -> np.ndarray:
@@ -127,6 +127,15 @@ def collapse_warnings(stats: dict[str, Any], length: int, codebook_size: int) ->
   """What the identifier statistics say went wrong, naming the level: a codebook that collapsed (under a
   quarter of its codes used, or a perplexity under 5% of them) or prefixes that mix the classes."""
   out = []
+  if stats.get("kind") == "rqvae":
+    # One codebook shared by every position: its use over all of them says whether it collapsed.
+    unused, ppl = stats.get("codebook_unused_codes"), stats.get("codebook_perplexity")
+    if unused is not None and codebook_size - unused < codebook_size / 4:
+      out.append(f"the RQ-VAE's shared codebook: only {codebook_size - int(unused)} of "
+                 f"{codebook_size} codes are used: it collapsed")
+    elif ppl is not None and ppl < 0.05 * codebook_size:
+      out.append(f"the RQ-VAE's shared codebook: code perplexity {ppl:.1f} of {codebook_size}")
+    length = 0  # its per-position use is no collapse sign (a background position uses few codes)
   for m in range(1, length + 1):
     unused, ppl = stats.get(f"unused_codes_l{m}"), stats.get(f"perplexity_l{m}")
     if unused is not None and codebook_size - unused < codebook_size / 4:

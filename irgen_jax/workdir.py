@@ -75,15 +75,13 @@ class StageFiles:
   """What a stage writes (workdir-relative paths) and what it builds on."""
   outputs: tuple[str, ...]
   upstream: tuple[str, ...] = ()   # stages whose outputs it reads
-  optional: tuple[str, ...] = ()   # outputs only some configs write: checked when the marker has them
   reads_index: bool = False        # the index: the one input that changes outside a stage (inserts)
 
 
 STAGE_FILES = {
     "data": StageFiles(outputs=()),  # the dataset lives under data.data_dir: see done_problem
     "tokenizer": StageFiles(outputs=(TOKENIZER_PARAMS, DATABASE_FEATURES, IDENTIFIERS,
-                                     TOKENIZER_STATS, INDEX),
-                            optional=(RQVAE_PARAMS, RQVAE_RECONSTRUCTIONS)),
+                                     TOKENIZER_STATS, INDEX)),
     "retriever": StageFiles(outputs=(RETRIEVER_PARAMS,), upstream=("tokenizer",)),
     "evaluate": StageFiles(outputs=(REPORT,), upstream=("tokenizer", "retriever"), reads_index=True),
 }
@@ -156,16 +154,17 @@ class Workdir:
     return files.sha256_file(path) if os.path.exists(path) else None
 
   def mark_done(self, stage: str, info: dict[str, Any]) -> None:
-    """Writes ``<stage>/done.json``: ``info``, the fingerprints of the stage's outputs, the digests of
-    the markers of the stages it builds on and, when it reads the index, the index's (process 0)."""
+    """Writes ``<stage>/done.json``: ``info``, the fingerprints of the stage's outputs (``STAGE_FILES``
+    and those this run's config adds, ``info["extra_outputs"]``: the RQ-VAE's), the digests of the
+    markers of the stages it builds on and, when it reads the index, the index's (process 0)."""
     if jax.process_index() != 0:
       return
     spec = _stage_files(stage)
-    missing = [p for p in spec.outputs if not os.path.exists(self.path(p))]
+    outputs = spec.outputs + tuple(info.get("extra_outputs", ()))
+    missing = [p for p in outputs if not os.path.exists(self.path(p))]
     if missing:
       raise RuntimeError(f"Stage {stage} finished without writing {', '.join(missing)}.")
-    written = spec.outputs + tuple(p for p in spec.optional if os.path.exists(self.path(p)))
-    marker = {**info, "outputs": {p: self._fingerprint(p) for p in written},
+    marker = {**info, "outputs": {p: self._fingerprint(p) for p in outputs},
               "upstream": {u: self._marker_digest(u) for u in spec.upstream}}
     if spec.reads_index:
       marker["index"] = self._fingerprint(INDEX)
@@ -194,7 +193,7 @@ class Workdir:
     recorded = marker.get("outputs")
     if recorded is None:
       return "its marker records no fingerprints (written by an older version)"
-    for p in spec.outputs + tuple(p for p in spec.optional if p in recorded):
+    for p in spec.outputs + tuple(p for p in recorded if p not in spec.outputs):
       if not os.path.exists(self.path(p)):
         return f"its output {self.path(p)} is missing"
       if p == INDEX:

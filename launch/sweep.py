@@ -4,6 +4,7 @@
   python launch/sweep.py --config=configs/fashion_mnist.py --sweep=ids_kind --seeds=3 --workdir=ROOT
   python launch/sweep.py --config=configs/fashion_mnist.py:runlocal --workdir=ROOT \
       --grid=tokenizer.lambda2=0,0.1,1 --seeds=3            # an ad hoc sweep of any field
+  ... --grid="data.crop_scale=(0.5,1.0),(1.0,1.0)"          # tuple values: commas inside brackets
   ... --parallel=2    # two points at once, each on its share of the host (its CPUs, or one GPU)
   ... --cpus_per_point=1   # every point on one CPU, alone or not (equal threads: equal bytes)
   ... --print         # one command per point, for any scheduler (a TPU slice or a GPU node each)
@@ -82,11 +83,22 @@ def point_names(points: Sequence[dict[str, Any]]) -> list[str]:
   return out
 
 
+def split_values(text: str) -> list[str]:
+  """``V1,V2,...`` split at the commas outside brackets: ``(0.5,1.0),(1.0,1.0)`` is two tuples."""
+  out, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    depth += (ch in "([{") - (ch in ")]}")
+    if ch == "," and depth == 0:
+      out.append(text[start:i])
+      start = i + 1
+  return out + [text[start:]]
+
+
 def _grid(spec: str) -> list[dict[str, Any]]:
   field, sep, vals = spec.partition("=")
   if not sep or not field or not vals:
     raise UserError(f"--grid={spec}: expected FIELD=V1,V2,...")
-  return sweeps.values(field, [parse_value(v) for v in vals.split(",")])
+  return sweeps.values(field, [parse_value(v) for v in split_values(vals)])
 
 
 def sweep_points(config_arg: str, name: str, grids: Sequence[str], num_seeds: int) -> list[dict[str, Any]]:

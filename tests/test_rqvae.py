@@ -64,6 +64,19 @@ def test_ema_moves_codes_to_their_means_and_restarts_dead_ones():
     assert np.min(np.linalg.norm(np.asarray(codebook)[used] - c, axis=1)) < 0.1
 
 
+def test_every_depth_updates_the_shared_codebook():
+  rng = np.random.default_rng(4)
+  first = np.asarray([5.0, 0.0]) + 0.1 * rng.normal(size=(40, 2))
+  second = np.asarray([0.0, 1.0]) + 0.1 * rng.normal(size=(40, 2))
+  inputs = jnp.asarray(np.stack([first, second], axis=1), jnp.float32)  # [N, D=2, C]
+  codes = jnp.asarray(np.tile([[0, 1]], (40, 1)), jnp.int32)             # depth 0 -> 0, depth 1 -> 1
+  codebook, ema, restarted = rqvae.ema_update(rqvae.init_ema(3, 2), inputs, codes, jax.random.key(0),
+                                              decay=0.99, restart_below=1.0)
+  np.testing.assert_allclose(codebook[0], first.mean(0), rtol=1e-3)
+  np.testing.assert_allclose(codebook[1], second.mean(0), rtol=1e-3, atol=1e-4)
+  assert int(restarted) == 1 and np.asarray(ema.count)[:2] == pytest.approx([0.4, 0.4])
+
+
 def test_straight_through_trains_the_encoder_from_the_reconstruction():
   model = rqvae.RQVAE(image_size=12, latent_size=2, depth=2, latent_dim=4, channels=(4, 8))
   assert model.work_size == 8
@@ -79,6 +92,20 @@ def test_straight_through_trains_the_encoder_from_the_reconstruction():
   assert float(jnp.abs(grads["encoder"]["stem"]["kernel"]).sum()) > 0
   ids = model.apply({"params": params}, images, codebook, method="identifiers")
   np.testing.assert_array_equal(ids, out["codes"])
+  # The decoder sees the quantized map (the codes' codewords), not the encoder's latent.
+  np.testing.assert_allclose(out["reconstruction"],
+                             model.apply({"params": params}, out["quantized"], method="decode"),
+                             rtol=1e-5, atol=1e-5)
+  words = np.asarray(codebook)[np.asarray(rqvae.identifiers_to_codes(out["codes"], 2, 2))]
+  np.testing.assert_allclose(out["quantized"], words.sum(-2), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(out["quantized"], out["latent"], atol=1e-3)
+
+
+def test_normalized_pixels_go_back_to_the_same_bytes():
+  from irgen_jax.data import pipeline
+  images = np.random.default_rng(5).integers(0, 256, size=(4, 6, 6, 3), dtype=np.uint8)
+  norm = pipeline.Normalizer()
+  np.testing.assert_array_equal(norm.to_uint8(norm(images)), images)
 
 
 def test_config_checks_the_length_against_the_code_map():

@@ -99,6 +99,14 @@ def test_print_kind_sweep_with_seeds_reuses_the_same_seed(tmp_path, capsys):
       assert f["config.tokenizer.reuse_from"] == semantic[f["config.seed"]]
 
 
+def test_grid_values_may_be_tuples(tmp_path, capsys):
+  assert sweep.split_values("(0.5,1.0),(1.0,1.0)") == ["(0.5,1.0)", "(1.0,1.0)"]
+  assert sweep.split_values("1,2,[3,4]") == ["1", "2", "[3,4]"]
+  flags = _printed(capsys, f"--config={RUNLOCAL}", "--grid=data.crop_scale=(0.5,1.0),(1.0,1.0)",
+                   f"--workdir={tmp_path}")
+  assert [f["config.data.crop_scale"] for f in flags] == ["(0.5,1.0)", "(1.0,1.0)"]
+
+
 def test_print_length_sweep_and_paper_sized_hkm(tmp_path, capsys):
   flags = _printed(capsys, "--config=configs/fashion_mnist.py", "--sweep=ids_length",
                    f"--workdir={tmp_path}")
@@ -258,10 +266,15 @@ def test_folder_config_fits_a_tiny_folder(tmp_path):
   assert c.data.name == "folder" and c.data.manual_dir == root
   assert (c.data.image_size, c.data.resize_size) == (32, 37)
   assert c.tokenizer.batch_size == c.retriever.batch_size == 16  # capped: 21 database images
-  assert c.tokenizer.num_epochs == pytest.approx(1000 * 16 / 21)
+  assert c.tokenizer.num_epochs == pytest.approx(600 * 16 / 21)
+  # The Fashion-MNIST default's recipe with crops: a 4x4 grid of patches, the first fit after warm-up,
+  # the retriever's encoder frozen.
+  assert c.tokenizer.encoder.patch_size == 8 and tuple(c.data.crop_scale) == (0.6, 1.0)
+  assert c.tokenizer.first_refit_steps == c.tokenizer.warmup_steps == 60
+  assert c.retriever.encoder_lr_mult == 0.0
   config_lib.validate(c, num_devices=1, dataset_names=registry.names())
   small = folder.get_config(f"data_dir={root},runlocal,image_size=16")
   assert small.tokenizer.num_epochs == pytest.approx(20 * 16 / 21) and small.ids.codebook_size == 16
-  assert small.tokenizer.encoder.patch_size == 2
+  assert small.tokenizer.encoder.patch_size == 4
   with pytest.raises(ValueError, match="data_dir"):
     folder.get_config("")

@@ -11,7 +11,8 @@ from irgen_jax import files
 from irgen_jax.decoding.index import Index
 from irgen_jax.errors import MissingFileError
 from irgen_jax.workdir import (DATABASE_FEATURES, IDENTIFIERS, INDEX, REPORT_METRICS, RETRIEVER_PARAMS,
-                               TOKENIZER_PARAMS, TOKENIZER_STATS, Workdir)
+                               RQVAE_PARAMS, RQVAE_RECONSTRUCTIONS, TOKENIZER_PARAMS, TOKENIZER_STATS,
+                               Workdir)
 
 
 def _write(wd, rel, data=b"x"):
@@ -49,6 +50,27 @@ def test_a_missing_or_replaced_output_undoes_the_stage(finished):
   assert "the retriever stage it builds on is not done" in finished.done_problem("evaluate")
   _write(finished, TOKENIZER_STATS, b"other stats")
   assert "stats.json is not what the stage wrote" in finished.done_problem("tokenizer")
+
+
+def test_the_outputs_a_config_adds_are_checked_and_only_they(finished):
+  """A run's extra outputs (the RQ-VAE's) must exist to be marked, and count as outputs; files that no
+  stage declared (a leftover RQ-VAE of an earlier run) are not fingerprinted."""
+  extra = [RQVAE_PARAMS, RQVAE_RECONSTRUCTIONS]
+  with pytest.raises(RuntimeError, match="without writing .*tokenizer/rqvae/params"):
+    finished.mark_done("tokenizer", {"extra_outputs": extra})
+  _write(finished, f"{RQVAE_PARAMS}/weights")
+  _write(finished, RQVAE_RECONSTRUCTIONS, b"png")
+  finished.mark_done("tokenizer", {"wall_s": 1.0})  # a semantic run beside leftover RQ-VAE files
+  assert set(files.read_json(finished.done_marker("tokenizer"))["outputs"]).isdisjoint(extra)
+  os.unlink(finished.path(RQVAE_RECONSTRUCTIONS))
+  assert finished.done_problem("tokenizer") is None
+  _write(finished, RQVAE_RECONSTRUCTIONS, b"png")
+  finished.mark_done("tokenizer", {"wall_s": 1.0, "extra_outputs": extra})
+  assert finished.done_problem("tokenizer") is None
+  _write(finished, RQVAE_RECONSTRUCTIONS, b"another png")
+  assert "reconstructions.png is not what the stage wrote" in finished.done_problem("tokenizer")
+  os.unlink(finished.path(RQVAE_RECONSTRUCTIONS))
+  assert "reconstructions.png is missing" in finished.done_problem("tokenizer")
 
 
 def test_a_corrupted_index_undoes_the_tokenizer(finished):

@@ -161,6 +161,11 @@ class Normalizer:
     out += self.offset
     return out
 
+  def to_uint8(self, images: np.ndarray) -> np.ndarray:
+    """The inverse, rounded and clipped: normalized float pixels (e.g. a reconstruction) → uint8."""
+    return np.clip(np.rint((np.asarray(images, np.float32) - self.offset) / self.scale), 0,
+                   255).astype(np.uint8)
+
 
 # --------------------------------------------------------------------------------------------------
 # Batch functions (classes, not closures: they pickle into grain worker processes)

@@ -243,10 +243,18 @@ def diagnostics_markdown(d: Mapping[str, Any], values: Mapping[str, Mapping[str,
       out.append(f"| {m} | {_num(lv.get('perplexity'), '.1f')} | {_num(lv.get('unused_codes'), '.0f')} | "
                  f"{_pct(lv.get('purity'))} | {_num(lv.get('relative_error'), '.4f')} |")
     out += ["", "Prefix purity: the share of images whose level-m prefix carries its majority class."]
-    if tok.get("reconstruction_mse") is not None:
-      out += ["", f"**RQ-VAE identifiers**: database reconstruction MSE {tok['reconstruction_mse']:.4f} "
-              "(normalized pixels); database images (top) over their reconstructions from the codes:", "",
-              f"![RQ-VAE reconstructions]({tok.get('reconstructions', 'rqvae_reconstructions.png')})", ""]
+  v = tok.get("rqvae")
+  if v:
+    purity = ", ".join(f"{_pct(p)}% (@{m})" for m, p in v.get("purity", {}).items())
+    out += [f"**RQ-VAE identifiers**: {tok.get('num_identifiers')} distinct, at most "
+            f"{tok.get('images_per_identifier_max')} images on one; the shared codebook's perplexity "
+            f"{_num(v.get('codebook_perplexity'), '.1f')} of {v.get('codebook_size')} codes, "
+            f"{_num(v.get('codebook_unused_codes'), '.0f')} unused; reconstruction MSE "
+            f"{_num(v.get('reconstruction_mse'), '.4f')} (normalized pixels); prefix purity {purity} "
+            "(the share of images whose first m tokens carry their majority class). Database images "
+            "(top) over their reconstructions from the codes:", "",
+            f"![RQ-VAE reconstructions]({v.get('reconstructions')})", ""]
+  if tok.get("levels") or v:
     out += [f"- **Warning**: {w}." for w in tok.get("warnings", [])]
     out.append("")
   if ret.get("token_accuracy"):

@@ -169,15 +169,19 @@ def loss(out: dict[str, jax.Array], images: jax.Array, *, beta: float) -> tuple[
 
 
 class EMA(NamedTuple):
-  """The codebook's running statistics: how often each code was assigned, and the sum of the vectors."""
-  count: jax.Array  # float32 [L]
-  total: jax.Array  # float32 [L, C]
+  """The codebook's running statistics: how often each code was assigned, the sum of the vectors, and
+  the averages' total weight ``1 - decay^steps`` (``count / weight``: assignments per step, unbiased
+  from the first step on, as Adam's bias correction)."""
+  count: jax.Array   # float32 [L]
+  total: jax.Array   # float32 [L, C]
+  weight: jax.Array  # float32 []
 
 
 def init_ema(codebook_size: int, latent_dim: int) -> EMA:
-  """Zero statistics: every code is dead, so the first step seeds them all from its batch."""
+  """Zero statistics: every code is dead. With the codebook at zeros every vector of the first batch
+  picks code 0, which becomes their mean; the first step restarts all the others from the batch."""
   return EMA(jnp.zeros((codebook_size,), jnp.float32),
-             jnp.zeros((codebook_size, latent_dim), jnp.float32))
+             jnp.zeros((codebook_size, latent_dim), jnp.float32), jnp.zeros((), jnp.float32))
 
 
 def ema_update(ema: EMA, inputs: jax.Array, codes: jax.Array, key: jax.Array, *, decay: float,
@@ -185,23 +189,28 @@ def ema_update(ema: EMA, inputs: jax.Array, codes: jax.Array, key: jax.Array, *,
   """One EMA step of the shared codebook: ``(codebook [L, C], ema, restarted codes int32 [])``.
 
   ``inputs [N, D, C]``: the vector each depth quantized; ``codes [N, D]``: the code it got. Every
-  depth's assignments count for the one codebook. A code whose discounted assignment count
-  (``count / (1 - decay)``: about its assignments over the last ``1 / (1 - decay)`` steps) falls under
-  ``restart_below`` is restarted at a random vector of this batch (as if assigned it once), so no part
-  of the codebook stays dead; the first step restarts them all.
+  depth's assignments count for the one codebook. A code assigned fewer than ``restart_below`` vectors
+  per step on average (``count / weight``) is restarted at a random vector of this batch, with that
+  usage: it must be assigned again at the next step, or it restarts elsewhere, until it lands where
+  vectors are. No part of the codebook stays dead, and the codebook follows the encoder's latents as
+  they move (restarting only codes unused for hundreds of steps let a Fashion-MNIST run collapse to a
+  perplexity of 8 of 256 codes, its pixel MSE back to 0.98, within 100 steps).
   """
   size, width = ema.total.shape
   x = inputs.reshape(-1, width)
-  c = codes.reshape(-1)
-  counts = jnp.zeros((size,), jnp.float32).at[c].add(1.0)
-  totals = jnp.zeros((size, width), jnp.float32).at[c].add(x)
+  onehot = (codes.reshape(-1)[:, None] == jnp.arange(size)[None, :]).astype(jnp.float32)
+  # A one-hot matmul, not a scatter-add: deterministic on every backend (GPU scatter-adds of floats
+  # are not), so a resumed run ends with the same bytes on a GPU too.
+  counts = jnp.sum(onehot, axis=0)
+  totals = jnp.matmul(onehot.T, x, precision=jax.lax.Precision.HIGHEST)
   count = decay * ema.count + (1 - decay) * counts
   total = decay * ema.total + (1 - decay) * totals
-  dead = count < restart_below * (1 - decay)
+  weight = decay * ema.weight + (1 - decay)
+  dead = count < restart_below * weight
   pick = x[jax.random.randint(key, (size,), 0, x.shape[0])]
-  count = jnp.where(dead, 1.0 - decay, count)
-  total = jnp.where(dead[:, None], (1.0 - decay) * pick, total)
+  count = jnp.where(dead, restart_below * weight, count)
+  total = jnp.where(dead[:, None], count[:, None] * pick, total)
   # Laplace smoothing keeps a rarely used code finite (the VQ-VAE EMA recipe).
   n = jnp.sum(count)
   smoothed = (count + eps) / (n + size * eps) * n
-  return total / smoothed[:, None], EMA(count, total), jnp.sum(dead).astype(jnp.int32)
+  return total / smoothed[:, None], EMA(count, total, weight), jnp.sum(dead).astype(jnp.int32)

@@ -45,8 +45,8 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
 
 
 def init_fn(model: rqvae_lib.RQVAE, tx, c: ml_collections.ConfigDict):
-  """``() -> state``: params, optimizer state, step, rng, and a codebook whose codes are all dead (the
-  first step seeds them from its batch)."""
+  """``() -> state``: params, optimizer state, step, rng, and a zero codebook whose codes are all dead
+  (the first step seeds them from its batch: ``rqvae.init_ema``)."""
   s, size = c.data.image_size, c.ids.codebook_size
 
   def init():
@@ -56,7 +56,7 @@ def init_fn(model: rqvae_lib.RQVAE, tx, c: ml_collections.ConfigDict):
     ema = rqvae_lib.init_ema(size, model.latent_dim)
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(loop.init_key(c.seed, 6)), "codebook": codebook,
-            "ema_count": ema.count, "ema_total": ema.total}
+            "ema_count": ema.count, "ema_total": ema.total, "ema_weight": ema.weight}
   return init
 
 
@@ -77,22 +77,16 @@ def make_train_step(model: rqvae_lib.RQVAE, tx, c: ml_collections.ConfigDict):
     params = optax.apply_updates(state["params"], updates)
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
     codebook, ema, restarted = rqvae_lib.ema_update(
-        rqvae_lib.EMA(state["ema_count"], state["ema_total"]), out["inputs"],
+        rqvae_lib.EMA(state["ema_count"], state["ema_total"], state["ema_weight"]), out["inputs"],
         out["codes"].reshape(out["inputs"].shape[:2]), key, decay=decay, restart_below=restart_below)
     perplexity, unused = rq.usage_from_counts(
         rq.code_counts(out["codes"].reshape(-1, 1), codebook.shape[0]))
     metrics = dict(metrics, loss=total, grad_norm=optax.tree.norm(grads), restarted_codes=restarted,
                    batch_perplexity=perplexity[0], batch_unused_codes=unused[0])
     return dict(state, params=params, opt=opt, step=state["step"] + 1, codebook=codebook,
-                ema_count=ema.count, ema_total=ema.total), metrics
+                ema_count=ema.count, ema_total=ema.total, ema_weight=ema.weight), metrics
 
   return jax.jit(train_step, donate_argnums=(0,))
-
-
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-  """The pipeline's normalized pixels back to uint8 (``pipeline.Normalizer``'s inverse)."""
-  mean, std = np.asarray(pipeline.CLIP_MEAN, np.float32), np.asarray(pipeline.CLIP_STD, np.float32)
-  return np.clip(np.rint((images * std + mean) * 255.0), 0, 255).astype(np.uint8)
 
 
 def train(c: ml_collections.ConfigDict, wd: Workdir, mesh, database) -> tuple[np.ndarray, dict]:
@@ -133,29 +127,35 @@ def reconstructions(c, model, params, codebook, database, mesh) -> tuple[float, 
   rows = np.linspace(0, len(database) - 1, min(MSE_IMAGES, len(database))).astype(np.int64)
 
   @jax.jit
-  def recon(p, cb, x):
-    out = model.apply({"params": p}, x, cb)["reconstruction"]
+  def recon(x):
+    out = model.apply({"params": params}, x, codebook)["reconstruction"]
     return out, jnp.mean((out - x) ** 2, axis=(1, 2, 3))
-  (images, errors), _ = inference.map_split(
-      lambda x: (x, recon(params, codebook, x)[1]), inference.Subset(database, rows), mesh=mesh,
-      batch_size=c.search.query_batch_size * 4, image_size=c.data.image_size,
-      resize_size=c.data.resize_size)
-  shown = np.linspace(0, len(rows) - 1, min(GRID_IMAGES, len(rows))).astype(np.int64)
-  decoded = np.asarray(recon(params, codebook, jnp.asarray(images[shown]))[0])
-  grid = plots.image_grid_png([list(_to_uint8(images[shown])), list(_to_uint8(decoded))],
+  kw = dict(mesh=mesh, image_size=c.data.image_size, resize_size=c.data.resize_size)
+  errors, _ = inference.map_split(lambda x: recon(x)[1], inference.Subset(database, rows),
+                                  batch_size=c.search.query_batch_size * 4, **kw)
+  shown = rows[np.linspace(0, len(rows) - 1, min(GRID_IMAGES, len(rows))).astype(np.int64)]
+  (images, decoded), _ = inference.map_split(lambda x: (x, recon(x)[0]),
+                                             inference.Subset(database, shown),
+                                             batch_size=len(shown), **kw)
+  to_uint8 = pipeline.Normalizer().to_uint8
+  grid = plots.image_grid_png([list(to_uint8(images)), list(to_uint8(decoded))],
                               row_titles=["original", "RQ-VAE"])
   return float(np.mean(errors, dtype=np.float64)), grid
 
 
 def statistics(codes: np.ndarray, c: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Code use per identifier position (``perplexity_l{m}``, ``unused_codes_l{m}``), as the semantic
-  identifiers report it."""
-  out = {}
-  for m in range(codes.shape[1]):  # per position: a [N, M, L] one-hot would not fit at M = 256
-    counts = np.bincount(codes[:, m], minlength=c.ids.codebook_size)
-    perplexity, unused = rq.usage_from_counts(counts[None])
-    out[f"perplexity_l{m + 1}"] = float(perplexity[0])
-    out[f"unused_codes_l{m + 1}"] = int(unused[0])
+  """Code use of the shared codebook over every position (``codebook_perplexity``,
+  ``codebook_unused_codes``: what says whether it collapsed), and per identifier position m
+  (``perplexity_l{m}``, ``unused_codes_l{m}``; a background position uses few codes by nature)."""
+  size = c.ids.codebook_size
+  per_position = np.stack([np.bincount(codes[:, m], minlength=size) for m in range(codes.shape[1])])
+  perplexity, unused = rq.usage_from_counts(per_position)  # [M, L] counts: no [N, M, L] one-hot
+  pooled_perplexity, pooled_unused = rq.usage_from_counts(per_position.sum(0)[None])
+  out = {"codebook_perplexity": float(pooled_perplexity[0]),
+         "codebook_unused_codes": int(pooled_unused[0])}
+  for m in range(codes.shape[1]):
+    out[f"perplexity_l{m + 1}"] = float(perplexity[m])
+    out[f"unused_codes_l{m + 1}"] = int(unused[m])
   return out
 
 

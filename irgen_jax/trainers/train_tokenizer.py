@@ -45,8 +45,8 @@ from irgen_jax.models.tokenizer import SemanticTokenizer
 from irgen_jax.trainers import loop, optim, train_rqvae
 from irgen_jax.trainers.losses import tokenizer_loss
 from irgen_jax.errors import ConfigError
-from irgen_jax.workdir import (CONFIG, DATABASE_FEATURES, IDENTIFIERS, INDEX, TOKENIZER_PARAMS,
-                               TOKENIZER_STATS, Workdir)
+from irgen_jax.workdir import (CONFIG, DATABASE_FEATURES, IDENTIFIERS, INDEX, RQVAE_PARAMS,
+                               RQVAE_RECONSTRUCTIONS, TOKENIZER_PARAMS, TOKENIZER_STATS, Workdir)
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,8 @@ def finalize(c, workdir: Workdir, mesh, model, params, ds) -> dict[str, Any]:
     files.write_json(workdir.path(TOKENIZER_STATS), stats)
   parallel.sync("tokenizer files written")  # later stages read them on every process
   log.info("Identifiers: %s", stats)
+  if c.ids.kind == "rqvae":  # its files count among the stage's outputs (the done marker checks them)
+    return {**stats, "extra_outputs": [RQVAE_PARAMS, RQVAE_RECONSTRUCTIONS]}
   return stats
 
 

@@ -90,7 +90,8 @@ def run(c, stage, mesh, data):
     leaf = jax.tree.leaves(state["params"])[0]
     shardings.add(f"{type(leaf.sharding).__name__} over {len(leaf.sharding.device_set)} device(s)")
     out.append((float(parallel.to_host(metrics["loss"])),
-                parallel.to_host({k: state[k] for k in ("params", "opt", "codebook") if k in state})))
+                parallel.to_host({k: state[k] for k in ("params", "opt", "codebook", "ema_count",
+                                                        "ema_total") if k in state})))
   return out, sorted(shardings), initial
 
 
@@ -182,9 +183,11 @@ def main(argv):
         "params_update_rel": global_rel_diff(one[-1][1]["params"], initial),
         "shardings_1": one_shardings, "shardings_8": eight_shardings,
     }
-    if stage == "rqvae":  # the EMA codebook (its first step restarts every code at batch vectors)
-      report[stage]["codebook_rel_diff"] = [rel_diff(s8["codebook"], s1["codebook"])
-                                            for (_, s8), (_, s1) in zip(eight, one)]
+    if stage == "rqvae":  # the EMA codebook and its statistics (the first step restarts codes)
+      report[stage]["codebook_rel_diff"] = [
+          rel_diff({k: s8[k] for k in ("codebook", "ema_count", "ema_total")},
+                   {k: s1[k] for k in ("codebook", "ema_count", "ema_total")})
+          for (_, s8), (_, s1) in zip(eight, one)]
   with open(argv[1], "w") as f:
     json.dump(report, f, indent=1)
   print(json.dumps(report))
