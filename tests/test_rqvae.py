@@ -187,3 +187,14 @@ def test_rqvae_run_end_to_end_killed_and_resumed(fashion_runlocal_workdir, tmp_p
                                      parallel.make_mesh())
   inserted = indexed.index.codes()[512:]
   assert sorted(map(tuple, inserted.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def test_collapse_warnings_look_at_the_shared_codebook():
+  from irgen_jax import identifiers
+  # A background position that uses 3 codes is no collapse; the shared codebook using 6 of 256 is.
+  healthy = {"kind": "rqvae", "codebook_unused_codes": 10, "codebook_perplexity": 180.0,
+             "unused_codes_l1": 253, "perplexity_l1": 2.0, "purity_l1": 0.9}
+  assert identifiers.collapse_warnings(healthy, 64, 256) == []
+  collapsed = dict(healthy, codebook_unused_codes=250, codebook_perplexity=4.0)
+  assert identifiers.collapse_warnings(collapsed, 64, 256) == [
+      "the RQ-VAE's shared codebook: only 6 of 256 codes are used: it collapsed"]
