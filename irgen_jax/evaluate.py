@@ -219,29 +219,38 @@ def _figures(c, wd: Workdir) -> dict[str, bytes]:
     return {RECONSTRUCTIONS_FIGURE: f.read()}
 
 
+def _training_speed(directory: str) -> dict[str, Any]:
+  """``steps`` and ``steps_per_sec`` from a training log (``DIR/metrics.jsonl``), if it has any."""
+  path = os.path.join(directory, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = [json.loads(line) for line in f if line.strip()]
+  # The first logged window holds the compile; the rest is the training speed.
+  speeds = [r["steps_per_sec"] for r in lines[1:] if "steps_per_sec" in r]
+  if not speeds:
+    return {}
+  return {"steps_per_sec": float(np.median(speeds)), "steps": int(lines[-1]["step"])}
+
+
 def _timing(wd: Workdir, started: float) -> dict[str, Any]:
-  """Each stage's wall time (its done marker) and training speed (its metrics log), for the report."""
+  """Each stage's wall time (its done marker) and training speed (its metrics log), for the report;
+  with RQ-VAE identifiers also the RQ-VAE's, which trains inside the tokenizer stage (whose time
+  includes it)."""
   out = {}
-  for stage in ("data", "tokenizer", "rqvae", "retriever"):
+  for stage in ("data", "tokenizer", "retriever"):
     entry = {}
     if os.path.exists(wd.done_marker(stage)):
       entry["wall_s"] = files.read_json(wd.done_marker(stage)).get("wall_s")
-    if stage == "rqvae" and os.path.exists(wd.path(TOKENIZER_STATS)):
-      # The RQ-VAE trains (and codes the database) inside the tokenizer stage, whose time includes it.
-      rqvae_s = files.read_json(wd.path(TOKENIZER_STATS)).get("rqvae_s")
-      if rqvae_s is not None:
-        entry["wall_s"] = rqvae_s
-    log_path = wd.path(RQVAE if stage == "rqvae" else stage, "metrics.jsonl")
-    if os.path.exists(log_path):
-      with open(log_path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-      # The first logged window holds the compile; the rest is the training speed.
-      speeds = [r["steps_per_sec"] for r in lines[1:] if "steps_per_sec" in r]
-      if speeds:
-        entry["steps_per_sec"] = float(np.median(speeds))
-        entry["steps"] = int(lines[-1]["step"])
+    entry.update(_training_speed(wd.path(stage)))
     if entry:
       out[stage] = entry
+    if stage == "tokenizer":
+      stats = files.read_json(wd.path(TOKENIZER_STATS)) if os.path.exists(wd.path(TOKENIZER_STATS)) else {}
+      rqvae = {"wall_s": stats["rqvae_s"]} if "rqvae_s" in stats else {}
+      rqvae.update(_training_speed(wd.path(RQVAE)))
+      if rqvae:
+        out["rqvae"] = rqvae
   out["evaluate"] = {"wall_s_until_report": time.perf_counter() - started}
   return out
 
