@@ -163,8 +163,10 @@ def base_config() -> ml_collections.ConfigDict:
       # channels: conv widths, one per stride-2 downsampling (the image is resized to
       # latent_size * 2^len(channels)). beta: the commitment weight; the codebook is an EMA (ema_decay)
       # whose codes assigned fewer than restart_below vectors per step restart at batch vectors.
+      # normalize_latents: layer-normalize the latents before quantization (what keeps it from
+      # collapsing: models/rqvae.py's _normalize).
       rqvae=dict(latent_size=8, depth=4, latent_dim=64, channels=(64, 128, 128, 256, 256),
-                 beta=0.25, ema_decay=0.99, restart_below=1.0,
+                 normalize_latents=True, beta=0.25, ema_decay=0.99, restart_below=1.0,
                  batch_size=128, num_epochs=10.0, lr=1e-3, warmup_steps=200, weight_decay=0.0,
                  grad_clip=1.0),
   )

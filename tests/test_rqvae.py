@@ -101,6 +101,26 @@ def test_straight_through_trains_the_encoder_from_the_reconstruction():
   assert not np.allclose(out["quantized"], out["latent"], atol=1e-3)
 
 
+def test_latents_are_layer_normalized_before_quantization():
+  kw = dict(image_size=8, latent_size=2, depth=2, latent_dim=6, channels=(4, 8))
+  images = 5 * jnp.asarray(np.random.default_rng(4).normal(size=(3, 8, 8, 3)), jnp.float32)
+  codebook = jnp.asarray(np.random.default_rng(5).normal(size=(8, 6)), jnp.float32)
+  normed, raw = rqvae.RQVAE(**kw), rqvae.RQVAE(**kw, normalize_latents=False)
+  params = normed.init(jax.random.key(1), images, codebook)["params"]
+  z = np.asarray(normed.apply({"params": params}, images, method="encode"))
+  np.testing.assert_allclose(z.mean(-1), 0, atol=1e-5)
+  np.testing.assert_allclose((z ** 2).mean(-1), 1, rtol=1e-4)
+  # The same parameters (it has none of its own); without it the scale is the encoder's.
+  r = np.asarray(raw.apply({"params": params}, images, method="encode"))
+  assert not np.allclose((r ** 2).mean(-1), 1, rtol=1e-2)
+  centred = r - r.mean(-1, keepdims=True)
+  np.testing.assert_allclose(z, centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-6),
+                             rtol=1e-4, atol=1e-5)
+  # What is quantized is the normalized latent.
+  out = normed.apply({"params": params}, images, codebook)
+  np.testing.assert_allclose(out["latent"], z, rtol=1e-6, atol=1e-6)
+
+
 def test_normalized_pixels_go_back_to_the_same_bytes():
   from irgen_jax.data import pipeline
   images = np.random.default_rng(5).integers(0, 256, size=(4, 6, 6, 3), dtype=np.uint8)

@@ -85,7 +85,8 @@ def tokenizer_param_shapes(c: ml_collections.ConfigDict, model: SemanticTokenize
 def rqvae(c: ml_collections.ConfigDict) -> rqvae_lib.RQVAE:
   v = c.ids.rqvae
   return rqvae_lib.RQVAE(image_size=c.data.image_size, latent_size=v.latent_size, depth=v.depth,
-                         latent_dim=v.latent_dim, channels=tuple(v.channels))
+                         latent_dim=v.latent_dim, channels=tuple(v.channels),
+                         normalize_latents=bool(v.normalize_latents))
 
 
 def rqvae_param_shapes(c: ml_collections.ConfigDict, model: rqvae_lib.RQVAE) -> Any:

@@ -17,7 +17,9 @@ Where this differs from the RQ-VAE paper, and why:
   textures for generation, and the ablation's question is whether codes learned to reconstruct pixels
   suit retrieval, which MSE answers at a fraction of the cost;
 - a small residual conv net without normalization layers (no GroupNorm, no attention block): enough to
-  reconstruct small images on the machines the ablation runs on.
+  reconstruct small images on the machines the ablation runs on;
+- the latents are layer-normalized before they are quantized (``normalize_latents``, on by default):
+  with their scale free, training collapsed (``_normalize`` says how).
 The codebook is learned as the RQ-VAE paper learns it: exponential moving averages of the vectors each
 code is assigned, over every depth (one shared codebook), with codes unused for a while restarted at
 vectors of the current batch (``ema_update``). Not by k-means refits as our semantic tokenizer: a refit
@@ -73,6 +75,21 @@ class _Decoder(nn.Module):
     return nn.Conv(3, (3, 3), name="to_pixels")(nn.gelu(x))
 
 
+def _normalize(z: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Zero mean, unit mean square over the last axis; no parameters.
+
+  Why: without it the latents' scale is free, and the EMA codebook follows it with a lag of
+  ~1/(1 - decay) steps. On Fashion-MNIST (the config's 4x4x4 map, one epoch) unnormalized latents
+  trained well to step ~300 (pixel MSE 0.12, batch perplexity 200 of 256), while the largest
+  codeword's norm, which tracks the latents, grew 7.5 → 14 by step 350; it was 33 at step 375 and
+  120 at step 400, when perplexity had fallen to 10, the commitment term risen 0.04 → 4.4 and the
+  MSE 0.11 → 0.72. The same run with this normalization kept the norm at ~7.9 to the end: MSE 0.10,
+  perplexity 145 at step 467.
+  """
+  z = z - jnp.mean(z, axis=-1, keepdims=True)
+  return z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + eps)
+
+
 class Quantized(NamedTuple):
   """The quantizer's view of a latent map ``[B, H, W, C]`` at depth D."""
   codes: jax.Array      # int32 [B, H, W, D]
@@ -109,6 +126,8 @@ class RQVAE(nn.Module):
     depth: D, codes per position.
     latent_dim: C, the latent (and codeword) width.
     channels: conv widths, one per stride-2 downsampling (coarse last).
+    normalize_latents: layer-normalize every latent vector (no learned scale or offset: each has zero
+      mean and unit mean square over its C channels) before it is quantized (``_normalize``).
   The codebook ``float32 [L, C]`` is an input, not a parameter: the EMA updates it (``ema_update``).
   """
   image_size: int
@@ -116,6 +135,7 @@ class RQVAE(nn.Module):
   depth: int
   latent_dim: int
   channels: Sequence[int]
+  normalize_latents: bool = True
 
   def setup(self):
     self.encoder = _Encoder(tuple(self.channels), self.latent_dim)
@@ -131,7 +151,8 @@ class RQVAE(nn.Module):
     x = jnp.asarray(images, jnp.float32)
     if self.work_size != self.image_size:
       x = jax.image.resize(x, (b, self.work_size, self.work_size, x.shape[-1]), "bilinear")
-    return self.encoder(x)
+    z = self.encoder(x)
+    return _normalize(z) if self.normalize_latents else z
 
   def decode(self, z: jax.Array) -> jax.Array:
     """Images ``float32 [B, S, S, 3]`` from a (quantized) latent map."""
