@@ -345,3 +345,15 @@ def test_works_with_the_project_vit():
                              atol=1e-5)
   np.testing.assert_array_equal(out["codes"], _assign(out["f_cls"], books))
   assert out["codes"].shape == (B, M) and np.isfinite(float(loss))
+
+
+def test_the_log_line_keeps_the_first_levels_of_a_long_identifier():
+  from irgen_jax.trainers.train_tokenizer import loggable_stats
+  stats = {"kind": "rqvae", "codebook_perplexity": 150.0,
+           **{f"perplexity_l{m}": float(m) for m in range(1, 65)},
+           **{f"purity_l{m}": 1.0 for m in range(1, 65)}}
+  line = loggable_stats(stats)
+  assert "'perplexity_l4': 4.0" in line and "perplexity_l5" not in line and "purity_l64" not in line
+  assert "codebook_perplexity" in line and line.endswith("(levels 5-64: tokenizer/stats.json)")
+  short = {"kind": "semantic", **{f"purity_l{m}": 1.0 for m in range(1, 5)}}
+  assert loggable_stats(short) == str(short)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -49,6 +50,17 @@ from irgen_jax.workdir import (CONFIG, DATABASE_FEATURES, IDENTIFIERS, INDEX, RQ
                                RQVAE_RECONSTRUCTIONS, TOKENIZER_PARAMS, TOKENIZER_STATS, Workdir)
 
 log = logging.getLogger(__name__)
+
+LOGGED_LEVELS = 4
+
+
+def loggable_stats(stats: dict[str, Any], levels: int = LOGGED_LEVELS) -> str:
+  """``stats`` for the log, with the per-level figures (``..._l{m}``) of the first ``levels`` levels
+  only: a 64-token identifier has ~200 of them, all in ``tokenizer/stats.json``."""
+  level = {k: int(m.group(1)) for k in stats if (m := re.search(r"_l(\d+)$", k))}
+  shown = {k: v for k, v in stats.items() if level.get(k, 0) <= levels}
+  more = max(level.values(), default=0) > levels
+  return f"{shown}" + (f" (levels {levels + 1}-{max(level.values())}: {TOKENIZER_STATS})" if more else "")
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
@@ -247,7 +259,7 @@ def finalize(c, workdir: Workdir, mesh, model, params, ds) -> dict[str, Any]:
     index.save(workdir.path(INDEX))
     files.write_json(workdir.path(TOKENIZER_STATS), stats)
   parallel.sync("tokenizer files written")  # later stages read them on every process
-  log.info("Identifiers: %s", stats)
+  log.info("Identifiers: %s", loggable_stats(stats))
   if c.ids.kind == "rqvae":  # its files count among the stage's outputs (the done marker checks them)
     return {**stats, "extra_outputs": [RQVAE_PARAMS, RQVAE_RECONSTRUCTIONS]}
   return stats
