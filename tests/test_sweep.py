@@ -229,7 +229,8 @@ def test_declared_sweep_sequential_and_parallel_with_a_kill(fashion_runlocal_wor
         got = s["methods"][method][key]
         assert got["values"] == [mine[method][key]] and got["n"] == 1
         assert got["mean"] == pytest.approx(mine[method][key]) and got["std"] is None
-    assert math.isfinite(s["irgen_minus_linear_scan"]["precision@10"]["mean"])
+        if method == "irgen":
+          assert math.isfinite(s["irgen_minus_linear_scan"][key]["mean"])
 
   # In parallel, killed (the whole process group) once a point has trained its tokenizer, then
   # restarted: each point resumes where it was.

@@ -59,8 +59,8 @@ def loggable_stats(stats: dict[str, Any], levels: int = LOGGED_LEVELS) -> str:
   only: a 64-token identifier has ~200 of them, all in ``tokenizer/stats.json``."""
   level = {k: int(m.group(1)) for k in stats if (m := re.search(r"_l(\d+)$", k))}
   shown = {k: v for k, v in stats.items() if level.get(k, 0) <= levels}
-  more = max(level.values(), default=0) > levels
-  return f"{shown}" + (f" (levels {levels + 1}-{max(level.values())}: {TOKENIZER_STATS})" if more else "")
+  last = max(level.values(), default=0)
+  return f"{shown}" + (f" (levels {levels + 1}-{last}: {TOKENIZER_STATS})" if last > levels else "")
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
