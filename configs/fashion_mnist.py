@@ -56,7 +56,8 @@ def get_config(arg=None):
 
 def get_sweeps(arg=None):
   """Sweeps of this config (``python launch/sweep.py --sweep=NAME``): the shared ones (``seeds``: 3
-  seeds; ``ids_kind``: Table 3; ``ids_length``: Table 4) and ``beam_size`` (does a wider beam help?)."""
+  seeds; ``ids_kind``: Table 3; ``ids_length``: Table 4) and ``beam_size`` (does a wider beam help?
+  The wider beam's point reuses the other's trained stages: one training, two searches)."""
   c = get_config(arg)
   b = c.search.beam_size
-  return {**sweeps.standard(c), "beam_size": sweeps.values("search.beam_size", [b, 2 * b])}
+  return {**sweeps.standard(c), "beam_size": sweeps.evaluate_only("search.beam_size", [b, 2 * b])}

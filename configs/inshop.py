@@ -5,7 +5,7 @@
       --workdir=gs://bucket/irgen/inshop
 
 Query split vs gallery (database); positives share the item id. Trained on train + gallery as the paper.
-`:runlocal` runs the same code on generated stand-in data (16 classes, 128x128 RGB) on a CPU.
+`:runlocal` runs the same code on generated stand-in data (20 classes, 128x128 RGB) on a CPU.
 """
 
 from irgen_jax import config_lib, sweeps
@@ -21,7 +21,7 @@ def get_config(arg=None):
   if arg.runlocal:
     config_lib.runlocal_sizes(c)
     c.data.update(name="synthetic", image_size=32, resize_size=36,
-                  synthetic=dict(num_classes=16, image_shape=(128, 128, 3), num_database=256,
+                  synthetic=dict(num_classes=20, image_shape=(128, 128, 3), num_database=256,
                                  num_queries=32))
     c.eval.update(ks=(1, 10, 20, 30))
   return c

@@ -18,9 +18,8 @@ def get_config(arg=None):
   if arg.runlocal:
     config_lib.runlocal_sizes(c)
     c.data.update(name="synthetic", image_size=32, resize_size=36,
-                  synthetic=dict(num_classes=32, image_shape=(128, 128, 3), num_database=512,
+                  synthetic=dict(num_classes=20, image_shape=(128, 128, 3), num_database=512,
                                  num_queries=32))
-    c.retriever.decoder.depth = 2
     c.eval.update(ks=(1, 10, 20, 30))
   return c
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import sys
 
@@ -124,6 +125,36 @@ def flatten(d, prefix: str = "") -> dict:
   return out
 
 
+def config_json_fields(path: str) -> dict:
+  """A run's ``config.json``, flattened, with the defaults of fields it lacks (a run started before
+  the field existed had the default)."""
+  base = flatten(json.loads(base_config().to_json_best_effort()))
+  with open(path) as f:
+    return {**base, **flatten(json.load(f))}
+
+
+# What a run may change and still take another run's trained retriever (retriever.reuse_from): what
+# only the evaluate stage reads (the search, the metrics), where files live, how often to log and
+# checkpoint, and the reuse fields themselves. Anything else would make the retriever another run's.
+RETRIEVER_REUSE_MAY_DIFFER = ("search.", "eval.", "stages", "tokenizer.reuse_from",
+                              "retriever.reuse_from", "data.data_dir", "data.num_workers",
+                              "checkpoint.", "log_every_steps")
+
+
+def check_retriever_reuse(c: ml_collections.ConfigDict, source_root: str, source_config: str) -> None:
+  """Raises ``ConfigError`` naming every field (its value there and here) in which ``c`` differs from
+  the run in ``source_root`` (its config.json: ``source_config``) outside ``RETRIEVER_REUSE_MAY_DIFFER``:
+  that run's retriever would not be this run's."""
+  theirs = config_json_fields(source_config)
+  ours = flatten(json.loads(c.to_json_best_effort()))
+  mismatch = [f"{k}={theirs.get(k)!r} (here {ours.get(k)!r})" for k in sorted(ours.keys() | theirs.keys())
+              if not k.startswith(RETRIEVER_REUSE_MAY_DIFFER) and theirs.get(k) != ours.get(k)]
+  if mismatch:
+    raise ConfigError(f"config.retriever.reuse_from={source_root!r}: its retriever was trained with "
+                      f"other settings: {', '.join(mismatch)}; a run may reuse it when they differ "
+                      f"only in {', '.join(RETRIEVER_REUSE_MAY_DIFFER)}.")
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Every field a run reads, with the paper's settings (ViT-B/16 from CLIP, M=4, L=256, 12-block
   decoder, 224² inputs); dataset configs override what differs. Field meanings are documented here."""
@@ -211,6 +242,10 @@ def base_config() -> ml_collections.ConfigDict:
                             # "neighbors": one of the num_neighbors nearest same-class images in the
                             # tokenizer's feature space (a within-class order for the decoder to learn)
       num_neighbors=0,
+      # A finished run's workdir: take its trained retriever instead of training one. That run's config
+      # must equal this one but for what only the evaluate stage reads (RETRIEVER_REUSE_MAY_DIFFER),
+      # and its identifiers this run's (a sweep over search or eval settings trains once).
+      reuse_from="",
   )
   # widen_to_list: the evaluate stage widens the last two levels' beams to the longest list a metric
   # reads (max(eval.ks), eval.map_at), so every IRGen column comes from a list at least that long.

@@ -25,7 +25,7 @@ import ml_collections
 from irgen_jax import config_lib, parallel
 from irgen_jax.data import registry
 from irgen_jax.errors import ConfigError
-from irgen_jax.workdir import IDENTIFIERS, RETRIEVER_PARAMS, TOKENIZER_PARAMS, Workdir
+from irgen_jax.workdir import CONFIG, IDENTIFIERS, RETRIEVER_PARAMS, TOKENIZER_PARAMS, Workdir
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,15 @@ def check_inputs(c: ml_collections.ConfigDict, wd: Workdir, names: Sequence[str]
   if "evaluate" in run_now:
     need("retriever", f"the trained retriever ({RETRIEVER_PARAMS})", "stages", c.stages)
     need("tokenizer", "the identifiers and features of the database", "stages", c.stages)
-  reuse = c.tokenizer.get("reuse_from", "")
-  if reuse and "tokenizer" in run_now and not wd.is_done("tokenizer"):
-    other = Workdir(reuse)
-    if not other.is_done("tokenizer"):
-      raise ConfigError(f"config.tokenizer.reuse_from={reuse!r}: expected the workdir of a run whose "
-                        f"tokenizer stage finished ({other.done_problem('tokenizer')}).")
+  for stage in ("tokenizer", "retriever"):
+    reuse = c[stage].get("reuse_from", "")
+    if reuse and stage in run_now and not wd.is_done(stage):
+      other = Workdir(reuse)
+      if not other.is_done(stage):
+        raise ConfigError(f"config.{stage}.reuse_from={reuse!r}: expected the workdir of a run whose "
+                          f"{stage} stage finished ({other.done_problem(stage)}).")
+      if stage == "retriever":
+        config_lib.check_retriever_reuse(c, other.root, other.path(CONFIG))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def _data(config, wd: Workdir, mesh):
 # The stages' functions ``(config, workdir, mesh) -> info``; named by module so that running one stage
 # imports only its own code (``insert --evaluate`` never loads the trainers, nor optax).
 _STAGES = {"data": _data, "tokenizer": "irgen_jax.trainers.train_tokenizer:stage",
-           "retriever": "irgen_jax.trainers.train_retriever:run", "evaluate": "irgen_jax.evaluate:run"}
+           "retriever": "irgen_jax.trainers.train_retriever:stage", "evaluate": "irgen_jax.evaluate:run"}
 
 
 def _stage_fn(stage: str):

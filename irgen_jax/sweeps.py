@@ -16,7 +16,8 @@ A ``Sweep`` is a list of points, each a dict ``{field: value}`` of config overri
     }
 
 A point whose value is ``Reuse(...)`` takes a trained stage from another point of the same sweep
-(``tokenizer.reuse_from``: every identifier kind reuses one trained tokenizer); the runner turns it into
+(``tokenizer.reuse_from``: every identifier kind reuses one trained tokenizer; ``retriever.reuse_from``
+too: a sweep over search or eval settings, ``evaluate_only``, trains once); the runner turns it into
 that point's workdir and runs that point first. ``standard(config)`` gives every config the sweeps it
 shares: ``seeds`` (3 seeds), ``ids_kind`` (the paper's Table 3: semantic, random, HKM 100/200/500,
 RQ-VAE) and ``ids_length`` (Table 4: M = 2, 4, 6, 8).
@@ -63,6 +64,25 @@ def values(field: str, vals: Iterable[Any]) -> Sweep:
   if not out:
     raise ValueError(f"sweeps.values({field!r}, ...): no values.")
   return out
+
+
+# Fields only the evaluate stage reads: a point that changes nothing else can take another's trained
+# stages (config_lib.RETRIEVER_REUSE_MAY_DIFFER, which the retriever stage checks, includes these).
+EVALUATE_ONLY = ("search.", "eval.")
+
+
+def evaluate_only(field: str, vals: Iterable[Any]) -> Sweep:
+  """One point per value of ``field``, a field only the evaluate stage reads (``search.*``, ``eval.*``):
+  the first value's point trains, every other takes its trained tokenizer and retriever
+  (``reuse_from``) and only searches and scores. Multiplied by seeds or other fields, each point
+  reuses the first value's point with the same other fields."""
+  if not field.startswith(EVALUATE_ONLY):
+    raise ValueError(f"sweeps.evaluate_only({field!r}, ...): expected a field under "
+                     f"{' or '.join(EVALUATE_ONLY)} (one only the evaluate stage reads).")
+  out = values(field, vals)
+  from_first = reuse(set={field: out[0][field]})
+  return out[:1] + [dict(p, **{"tokenizer.reuse_from": from_first, "retriever.reuse_from": from_first})
+                    for p in out[1:]]
 
 
 def seeds(n: int, field: str = SEED_FIELD, start: int = 0) -> Sweep:

@@ -102,8 +102,9 @@ class Harness:
     self.data_dir = data_dir or os.path.join(self.out, "tfds")
     self.reference = os.path.abspath(reference) if reference else os.path.join(self.out, "reference")
     self.env = {}
-    if cache:  # compiles shared by every run (most of a small run's time)
-      self.env = {"JAX_COMPILATION_CACHE_DIR": os.path.join(self.out, "xla_cache"),
+    if cache:  # compiles shared by every run (most of a small run's time); a cache already set is kept
+      self.env = {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+                                               or os.path.join(self.out, "xla_cache"),
                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 

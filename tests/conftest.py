@@ -1,4 +1,5 @@
-"""Test-wide settings: CPU only, and no network (a download would stall for minutes, then fail)."""
+"""Test-wide settings: CPU only, no network (a download would stall for minutes, then fail), and one
+persistent XLA compilation cache for the whole test session."""
 
 import contextlib
 import fcntl
@@ -12,6 +13,23 @@ os.environ.setdefault("NO_GCE_CHECK", "true")
 import pytest  # noqa: E402
 
 _real_connect = socket.socket.connect
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+  """Every process of the session (the pytest-xdist workers and the jobs tests start as subprocesses,
+  which inherit the environment) shares one persistent compilation cache under the session's base
+  temp directory. Most of a small job's time on a CPU is XLA compiling, and the suite runs the same
+  tiny programs many times: the shared runlocal job, every kill point's reference and restart, the
+  sweep's points, the config end-to-end runs. A cached executable is the compiled program itself, so
+  results are the same bytes as without the cache. The size limit turns on jax's file lock, so two
+  workers never read an entry while the other writes it. (A cache dir already set is kept.)"""
+  base = config._tmp_path_factory.getbasetemp()  # pylint: disable=protected-access
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "xla_cache"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 
 def _loopback_only(self, address):

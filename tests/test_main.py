@@ -3,10 +3,11 @@
 - Fashion-MNIST ``:runlocal`` (the session fixture ``fashion_runlocal_workdir``, one run shared with
   other tests): the report's files, every stage's done marker, IRGen's and the baselines' metrics, and a
   re-run in the same workdir that skips every finished stage.
-- The ``:runlocal`` variant of every other config (generated stand-in data): all four stages, each in
-  its own process. The five share a persistent XLA compilation cache (one per test session): configs
-  whose programs have the same shapes (cub200/cars196, imagenet2012/places365) compile once. Most of a
-  runlocal run's time on a CPU is XLA compiling (measured: ~80%), not training.
+- The ``:runlocal`` variant of every other config (generated stand-in data): all four stages, as a
+  user runs them. The five variants have the same program shapes (20 classes, 32x32 inputs, the tiny
+  models of ``config_lib.runlocal_sizes``; they differ in the stand-in images' sizes and the configs'
+  own settings), so the first to run compiles and the others load its programs from the session's
+  compilation cache (conftest). A cold runlocal run here took 29 s, a warm one 18 s.
 """
 
 import importlib.util
@@ -25,8 +26,7 @@ STAGES = ("data", "tokenizer", "retriever", "evaluate")
 BASELINES = ("linear_scan", "faiss_ivfpq", "scann")
 REPORT_FILES = ("metrics.json", "results.md", "precision_at_k.png", "pr_curve.png", "mrr.png",
                 "gallery.html")
-# Configs whose :runlocal variant runs here; consecutive configs with the same program shapes share
-# compiles through the cache.
+# Configs whose :runlocal variant runs here.
 OTHER_CONFIGS = ("inshop", "cub200", "cars196", "imagenet2012", "places365")
 
 
@@ -138,25 +138,17 @@ def test_fashion_rerun_skips_finished_stages(fashion_runlocal_workdir, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  path = tmp_path_factory.mktemp("xla_cache")
-  return {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
-@pytest.fixture(scope="module")
 def synthetic_data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds_synthetic")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", OTHER_CONFIGS)
-def test_runlocal_config_end_to_end(name, tmp_path, compile_cache, synthetic_data_dir):
+def test_runlocal_config_end_to_end(name, tmp_path, synthetic_data_dir):
   c = load_config(name)
   assert c.data.name == "synthetic", "runlocal variants run on generated stand-in data"
   workdir = tmp_path / "workdir"
-  _, wall = run_main(f"{name}.py:runlocal", workdir, f"--config.data.data_dir={synthetic_data_dir}",
-                     env=compile_cache)
+  _, wall = run_main(f"{name}.py:runlocal", workdir, f"--config.data.data_dir={synthetic_data_dir}")
   print(f"{name}:runlocal end to end in {wall:.1f} s")
   check_done(workdir)
   for f in ("metrics.json", "results.md"):

@@ -82,19 +82,21 @@ def test_straight_through_trains_the_encoder_from_the_reconstruction():
   assert model.work_size == 8
   images = jnp.asarray(np.random.default_rng(2).normal(size=(2, 12, 12, 3)), jnp.float32)
   codebook = jnp.asarray(np.random.default_rng(3).normal(size=(8, 4)), jnp.float32)
-  params = model.init(jax.random.key(0), images, codebook)["params"]
-  out = model.apply({"params": params}, images, codebook)
+  # Jitted: op by op, every primitive compiles on its own (most of this test's time on a busy CPU).
+  apply = jax.jit(model.apply, static_argnames="method")
+  params = jax.jit(model.init)(jax.random.key(0), images, codebook)["params"]
+  out = apply({"params": params}, images, codebook)
   assert out["reconstruction"].shape == images.shape and out["codes"].shape == (2, 8)
 
   def recon_loss(p):
     return jnp.mean((model.apply({"params": p}, images, codebook)["reconstruction"] - images) ** 2)
-  grads = jax.grad(recon_loss)(params)
+  grads = jax.jit(jax.grad(recon_loss))(params)
   assert float(jnp.abs(grads["encoder"]["stem"]["kernel"]).sum()) > 0
-  ids = model.apply({"params": params}, images, codebook, method="identifiers")
+  ids = apply({"params": params}, images, codebook, method="identifiers")
   np.testing.assert_array_equal(ids, out["codes"])
   # The decoder sees the quantized map (the codes' codewords), not the encoder's latent.
   np.testing.assert_allclose(out["reconstruction"],
-                             model.apply({"params": params}, out["quantized"], method="decode"),
+                             apply({"params": params}, out["quantized"], method="decode"),
                              rtol=1e-5, atol=1e-5)
   words = np.asarray(codebook)[np.asarray(rqvae.identifiers_to_codes(out["codes"], 2, 2))]
   np.testing.assert_allclose(out["quantized"], words.sum(-2), rtol=1e-5, atol=1e-5)

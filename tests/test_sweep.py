@@ -5,9 +5,10 @@ configs/folder.py.
   ablations as commands (``--print``), with the kinds reusing one trained tokenizer.
 - The report from fake runs: per setting mean and standard deviation over seeds, counts, the IRGen −
   linear scan difference per seed.
-- A declared sweep of 2 values at runlocal size, run for real: sequentially, then with ``--parallel=2``
-  in a second root killed while both points train and restarted; both reports equal, and equal to the
-  runs' own metrics.json; a third start finds every point finished. (Seeds are aggregated by the
+- A declared sweep of 2 values at runlocal size, run for real (``beam_size``: the second point reuses
+  the first's trained stages): sequentially, then with ``--parallel=2`` in a second root killed while
+  the first point trains and restarted; both reports equal, and equal to the runs' own metrics.json;
+  a third start finds every point finished. (Seeds are aggregated by the
   report test above: real seeds would double the cost of the slowest test.) An unknown field fails
   before any run starts.
 """
@@ -71,6 +72,16 @@ def test_combinators():
     sweeps.zipped(a, sweeps.values("y", [1, 2, 3]))
   r = sweeps.reuse(set={"k": "base"}, drop=("extra",))
   assert r.target({"k": "other", "extra": 5, "seed": 1, "from": r}) == {"k": "base", "seed": 1}
+  # An evaluate-only sweep: the first value trains, the others reuse its trained stages, seed by seed.
+  points = sweeps.product(sweeps.evaluate_only("search.beam_size", [8, 16, 32]), sweeps.seeds(2))
+  assert [{k: v for k, v in p.items() if not k.endswith("reuse_from")} for p in points] == [
+      {"search.beam_size": b, "seed": s} for b in (8, 16, 32) for s in (0, 1)]
+  for p in points:
+    reused = [p[k].target(p) for k in ("tokenizer.reuse_from", "retriever.reuse_from") if k in p]
+    assert reused == ([] if p["search.beam_size"] == 8 else
+                      [{"search.beam_size": 8, "seed": p["seed"]}] * 2), p
+  with pytest.raises(ValueError, match="only the evaluate stage reads"):
+    sweeps.evaluate_only("retriever.lr", [1e-3, 1e-4])
 
 
 def test_print_kind_sweep(tmp_path, capsys):
@@ -90,6 +101,14 @@ def test_print_kind_sweep(tmp_path, capsys):
   assert all(f["config.tokenizer.reuse_from"] == flags[0]["workdir"] for f in flags[1:])
   assert flags[0]["workdir"] == os.path.join(root, "kind=semantic")
   assert os.path.exists(os.path.join(root, "ids_kind.plan.json"))
+
+
+def test_print_beam_sweep_trains_once(tmp_path, capsys):
+  flags = _printed(capsys, f"--config={RUNLOCAL}", "--sweep=beam_size", f"--workdir={tmp_path}")
+  assert [f["config.search.beam_size"] for f in flags] == ["8", "16"]
+  assert not any(k.endswith("reuse_from") for k in flags[0])
+  assert flags[1]["config.tokenizer.reuse_from"] == flags[1]["config.retriever.reuse_from"] == \
+      flags[0]["workdir"]
 
 
 def test_print_kind_sweep_with_seeds_reuses_the_same_seed(tmp_path, capsys):
@@ -192,9 +211,8 @@ def _sweep_cmd(root, data_dir, *extra):
           f"--workdir={root}", f"--config.data.data_dir={data_dir}", *CHEAP, *extra]
 
 
-def _env(cache):
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu")  # with the session's compilation cache (conftest)
 
 
 def _settings_without_paths(root):
@@ -210,11 +228,10 @@ def _settings_without_paths(root):
 @pytest.mark.slow
 def test_declared_sweep_sequential_and_parallel_with_a_kill(fashion_runlocal_workdir, tmp_path):
   _, data_dir = fashion_runlocal_workdir
-  cache = tmp_path / "xla_cache"
   seq = tmp_path / "sequential"
   # One CPU per point, as each of the two parallel points below gets: equal threads, equal bytes.
   proc = subprocess.run(_sweep_cmd(seq, data_dir, "--cpus_per_point=1"), cwd=REPO,
-                        capture_output=True, text=True, timeout=1800, env=_env(cache))
+                        capture_output=True, text=True, timeout=1800, env=_env())
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   settings = _settings_without_paths(seq)
   assert [(s["label"], s["num_seeds"]) for s in settings] == [("search.beam_size=8", 1),
@@ -233,9 +250,10 @@ def test_declared_sweep_sequential_and_parallel_with_a_kill(fashion_runlocal_wor
           assert math.isfinite(s["irgen_minus_linear_scan"][key]["mean"])
 
   # In parallel, killed (the whole process group) once a point has trained its tokenizer, then
-  # restarted: each point resumes where it was.
+  # restarted: each point resumes where it was. (The second point waits for the first, whose trained
+  # stages it reuses.)
   par = tmp_path / "parallel"
-  runner = subprocess.Popen(_sweep_cmd(par, data_dir, "--parallel=2"), cwd=REPO, env=_env(cache),
+  runner = subprocess.Popen(_sweep_cmd(par, data_dir, "--parallel=2"), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
   deadline = time.monotonic() + 1200
@@ -248,13 +266,13 @@ def test_declared_sweep_sequential_and_parallel_with_a_kill(fashion_runlocal_wor
   done = [d for d in os.listdir(par) if (par / d / "evaluate" / "done.json").exists()]
   assert len(done) < 2, done  # killed before the end
   proc = subprocess.run(_sweep_cmd(par, data_dir, "--parallel=2"), cwd=REPO, capture_output=True,
-                        text=True, timeout=1800, env=_env(cache))
+                        text=True, timeout=1800, env=_env())
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stdout.count("already finished") == len(done)
   assert _settings_without_paths(par) == settings
   # Started once more, it runs nothing and writes the same report.
   proc = subprocess.run(_sweep_cmd(par, data_dir, "--parallel=2"), cwd=REPO, capture_output=True,
-                        text=True, timeout=600, env=_env(cache))
+                        text=True, timeout=600, env=_env())
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert proc.stdout.count("already finished") == 2
   assert _settings_without_paths(par) == settings

@@ -8,6 +8,10 @@ label-smoothed cross-entropy over the M tokens of x2's identifier (teacher forci
 from the stage-1 encoder, from CLIP, or from scratch; it trains at ``encoder_lr_mult`` x the decoder's
 learning rate, or stays frozen at 0 (then its backward pass is not computed).
 
+With ``retriever.reuse_from`` the stage trains nothing: it takes that run's trained retriever, whose
+config may differ from this run's only in what the evaluate stage reads and whose identifiers must be
+this run's (``reuse``).
+
 Outputs: ``WORKDIR/retriever/params/`` (final parameters), metrics and checkpoints beside them.
 Failpoints: the loop's (``retriever.loop_started``, ``retriever.step``, ``retriever.checkpoint``).
 """
@@ -24,13 +28,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from irgen_jax import features, parallel
+from irgen_jax import config_lib, features, parallel
 from irgen_jax.data import pairs, pipeline, registry
 from irgen_jax.models import build
 from irgen_jax.models import retriever as retriever_model
 from irgen_jax.trainers import loop, optim
 from irgen_jax.trainers.losses import sequence_loss
-from irgen_jax.workdir import RETRIEVER_PARAMS, Workdir
+from irgen_jax.errors import ConfigError
+from irgen_jax.workdir import CONFIG, RETRIEVER_PARAMS, Workdir
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +124,35 @@ def initial_params(c, workdir: Workdir, state_params, num_classes: int):
   if c.retriever.encoder_init == "clip":
     return build.graft_clip(params, c.retriever.encoder.clip_path, at="encoder")
   return params
+
+
+def stage(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
+  """The retriever stage: train (``run``), or take another run's trained retriever (``reuse``)."""
+  if c.retriever.get("reuse_from", ""):
+    return reuse(c, workdir)
+  return run(c, workdir, mesh)
+
+
+def reuse(c: ml_collections.ConfigDict, workdir: Workdir) -> dict[str, Any]:
+  """The retriever stage without training: ``retriever.reuse_from``'s trained retriever, copied into
+  this workdir. It stands in for this run's own only when the two runs trained alike (their configs
+  differ only in ``config_lib.RETRIEVER_REUSE_MAY_DIFFER``; checked before any stage runs, again here)
+  and the identifiers it learned are this run's, image for image (checked here, after this run's
+  tokenizer stage wrote them)."""
+  source = Workdir(c.retriever.reuse_from)
+  field = f"config.retriever.reuse_from={source.root!r}"
+  source.require("retriever", what="trained retriever")
+  config_lib.check_retriever_reuse(c, source.root, source.path(CONFIG))
+  theirs, ours = source.load_identifiers()["codes"], workdir.load_identifiers()["codes"]
+  if theirs.shape != ours.shape or not np.array_equal(theirs, ours):
+    differ = (f"{int(np.any(theirs != ours, axis=1).sum())} of {len(ours)} database images have other "
+              "identifiers" if theirs.shape == ours.shape else f"shape {theirs.shape}, here {ours.shape}")
+    raise ConfigError(f"{field}: its retriever learned other identifiers than this run's ({differ}).")
+  model, params = source.load_retriever(c)
+  workdir.save_params(RETRIEVER_PARAMS, params)  # collective, atomic
+  log.info("Retriever: reusing the trained retriever of %s (no training).", source.root)
+  counts = retriever_model.param_counts(model, (c.data.image_size, c.data.image_size, 3))
+  return {"steps": 0, "param_counts": counts, "reused_from": source.root}
 
 
 def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:

@@ -132,11 +132,8 @@ def reuse(config, wd: Workdir, mesh) -> dict[str, Any]:
   """The tokenizer stage without training: ``tokenizer.reuse_from``'s trained tokenizer, then this
   run's identifiers, index and files exactly as the stage writes them (``finalize``)."""
   source = Workdir(config.tokenizer.reuse_from)
-  theirs = config_lib.flatten(files.read_json(source.path(CONFIG)))
+  theirs = config_lib.config_json_fields(source.path(CONFIG))
   ours = config_lib.flatten(json.loads(config.to_json_best_effort()))
-  # A field the other run's config.json lacks (written before the field existed) had its default.
-  base = config_lib.flatten(json.loads(config_lib.base_config().to_json_best_effort()))
-  theirs = {**base, **theirs}
 
   def differing(prefixes):
     return [f"{k}={theirs.get(k)!r} (here {ours[k]!r})" for k in sorted(ours)
