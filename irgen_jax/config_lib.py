@@ -125,12 +125,16 @@ def flatten(d, prefix: str = "") -> dict:
   return out
 
 
-def config_json_fields(path: str) -> dict:
-  """A run's ``config.json``, flattened, with the defaults of fields it lacks (a run started before
-  the field existed had the default)."""
+def differences(c: ml_collections.ConfigDict, other_config: str) -> dict[str, str]:
+  """Every field in which ``c`` differs from another run's ``config.json`` (``other_config``), in
+  order, as ``{field: "field=theirs (here ours)"}``. A field that config.json lacks (a run started
+  before the field existed) had its default."""
   base = flatten(json.loads(base_config().to_json_best_effort()))
-  with open(path) as f:
-    return {**base, **flatten(json.load(f))}
+  with open(other_config) as f:
+    theirs = {**base, **flatten(json.load(f))}
+  ours = flatten(json.loads(c.to_json_best_effort()))
+  return {k: f"{k}={theirs.get(k)!r} (here {ours[k]!r})" for k in sorted(ours)
+          if theirs.get(k) != ours[k]}
 
 
 # What a run may change and still take another run's trained retriever (retriever.reuse_from): what
@@ -145,10 +149,8 @@ def check_retriever_reuse(c: ml_collections.ConfigDict, source_root: str, source
   """Raises ``ConfigError`` naming every field (its value there and here) in which ``c`` differs from
   the run in ``source_root`` (its config.json: ``source_config``) outside ``RETRIEVER_REUSE_MAY_DIFFER``:
   that run's retriever would not be this run's."""
-  theirs = config_json_fields(source_config)
-  ours = flatten(json.loads(c.to_json_best_effort()))
-  mismatch = [f"{k}={theirs.get(k)!r} (here {ours.get(k)!r})" for k in sorted(ours.keys() | theirs.keys())
-              if not k.startswith(RETRIEVER_REUSE_MAY_DIFFER) and theirs.get(k) != ours.get(k)]
+  mismatch = [text for k, text in differences(c, source_config).items()
+              if not k.startswith(RETRIEVER_REUSE_MAY_DIFFER)]
   if mismatch:
     raise ConfigError(f"config.retriever.reuse_from={source_root!r}: its retriever was trained with "
                       f"other settings: {', '.join(mismatch)}; a run may reuse it when they differ "

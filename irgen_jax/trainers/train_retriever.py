@@ -28,14 +28,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from irgen_jax import config_lib, features, parallel
+from irgen_jax import features, parallel
 from irgen_jax.data import pairs, pipeline, registry
 from irgen_jax.models import build
 from irgen_jax.models import retriever as retriever_model
 from irgen_jax.trainers import loop, optim
 from irgen_jax.trainers.losses import sequence_loss
 from irgen_jax.errors import ConfigError
-from irgen_jax.workdir import CONFIG, RETRIEVER_PARAMS, Workdir
+from irgen_jax.workdir import RETRIEVER_PARAMS, Workdir
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,12 @@ def stage(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any
 
 def reuse(c: ml_collections.ConfigDict, workdir: Workdir) -> dict[str, Any]:
   """The retriever stage without training: ``retriever.reuse_from``'s trained retriever, copied into
-  this workdir. It stands in for this run's own only when the two runs trained alike (their configs
-  differ only in ``config_lib.RETRIEVER_REUSE_MAY_DIFFER``; checked before any stage runs, again here)
-  and the identifiers it learned are this run's, image for image (checked here, after this run's
-  tokenizer stage wrote them)."""
+  this workdir. It stands in for this run's own only when that run's retriever stage is done and the
+  two runs trained alike (their configs differ only in ``config_lib.RETRIEVER_REUSE_MAY_DIFFER``),
+  both checked by ``stages.check_inputs`` before any stage runs, and when the identifiers it learned
+  are this run's, image for image (checked here, once this run's tokenizer stage wrote them)."""
   source = Workdir(c.retriever.reuse_from)
   field = f"config.retriever.reuse_from={source.root!r}"
-  source.require("retriever", what="trained retriever")
-  config_lib.check_retriever_reuse(c, source.root, source.path(CONFIG))
   theirs, ours = source.load_identifiers()["codes"], workdir.load_identifiers()["codes"]
   if theirs.shape != ours.shape or not np.array_equal(theirs, ours):
     differ = (f"{int(np.any(theirs != ours, axis=1).sum())} of {len(ours)} database images have other "

@@ -26,7 +26,6 @@ Failpoints: ``tokenizer.refit`` inside every refit (features computed, codebooks
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -132,12 +131,10 @@ def reuse(config, wd: Workdir, mesh) -> dict[str, Any]:
   """The tokenizer stage without training: ``tokenizer.reuse_from``'s trained tokenizer, then this
   run's identifiers, index and files exactly as the stage writes them (``finalize``)."""
   source = Workdir(config.tokenizer.reuse_from)
-  theirs = config_lib.config_json_fields(source.path(CONFIG))
-  ours = config_lib.flatten(json.loads(config.to_json_best_effort()))
+  diffs = config_lib.differences(config, source.path(CONFIG))
 
   def differing(prefixes):
-    return [f"{k}={theirs.get(k)!r} (here {ours[k]!r})" for k in sorted(ours)
-            if k.startswith(prefixes) and theirs.get(k) != ours[k]]
+    return [text for k, text in diffs.items() if k.startswith(prefixes)]
   problems = differing(_REUSE_ARCHITECTURE)
   levels = config_lib.tokenizer_levels(source.load_config()), config_lib.tokenizer_levels(config)
   if not config.tokenizer.shared_head and levels[0] != levels[1]:
