@@ -9,10 +9,16 @@ Figures (JSON keys), and the target each is read against (never asserted):
   flops_fraction            achieved FLOP/s of a batched search / FLOP/s of a plain matmul            (>= 0.5)
   speedup_vs_reference_b10  per-query time of the reference algorithm / ours, B = K = 10
   speedup_vs_reference_b30  same at B = K = 30
+  decoder_speedup_vs_reference_b{10,30}_batch16
+                            (--parts latency,reference) the reference's decoder part (its whole query
+                            minus its encoder, batch 1) / ours at batch 16        (>= 50 at B=10, >= 70 at 30)
   encoder_ms_per_query_batch{1,16}, search_ms_per_query_b{10,30}_batch{1,16}, decoder_ms_per_query_...
                             (--parts latency) the whole query (encoder + cross-attention K/V + M steps +
                             identifiers -> images) and its parts, with FLOP/s against a matmul, a
                             profile of where the time goes and the batch-1 memory-bandwidth floor
+  torch_encoder_ms_per_query_batch{1,16}, encoder_speedup_vs_torch_batch{1,16}
+                            (--parts latency, with torch and transformers installed) PyTorch's CLIP
+                            vision tower of the same size timed in the same interleaved runs  (>= 1)
   bytes_per_node            index bytes per internal trie node                                       (<= 64)
   dict_trie_ratio           bytes of a Python dict-of-dicts trie / bytes of the index, same codes    (>= 20)
 
@@ -210,6 +216,27 @@ def bench_gallery(mb: ModelBench, beam: int) -> dict[str, float]:
   return out
 
 
+def _torch_encoders(p: Preset) -> dict[int, Callable[[], Any]]:
+  """PyTorch's CLIP vision tower of the preset's size (Hugging Face ``CLIPVisionModel``, random
+  weights, float32, eager, ``inference_mode``, torch's own thread count) at batch 1 and 16, for the
+  encoder's side-by-side figure; empty when torch or transformers is not installed. The same layout
+  and arithmetic as our ViT (``irgen_jax/models/vit.py``): what differs is the framework."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    from transformers import CLIPVisionConfig, CLIPVisionModel  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return {}
+  torch.manual_seed(0)
+  model = CLIPVisionModel(CLIPVisionConfig(
+      hidden_size=p.enc_width, intermediate_size=4 * p.enc_width, num_hidden_layers=p.enc_depth,
+      num_attention_heads=p.enc_heads, image_size=p.image_size, patch_size=p.patch_size)).eval()
+
+  def run(x):
+    with torch.inference_mode():
+      model(pixel_values=x)
+  return {b: functools.partial(run, torch.randn(b, 3, p.image_size, p.image_size)) for b in (1, 16)}
+
+
 def _xla_cost(mb: ModelBench, arrays: IndexArrays, queries: jax.Array, beam: int,
               constrained: bool = True) -> dict[str, float]:
   compiled = bs.beam_search.lower(mb.fns, mb.params, arrays, queries, beam_size=beam, top_k=beam,
@@ -265,6 +292,9 @@ def bench_latency(mb: ModelBench, n: int = 10_000) -> dict[str, Any]:
   stream = jnp.ones((64 << 20,), jnp.float32)  # 256 MB: read once per call
   fns["matmul"] = lambda: jnp.dot(a, w)
   fns["stream"] = lambda: jnp.sum(stream)
+  torch_encoders = _torch_encoders(p)
+  for batch, f in torch_encoders.items():
+    fns[f"torch_encoder_batch{batch}"] = f
   t = interleaved_times(fns, max(3, p.repeats // 2))
   matmul_rate = 2 * a.shape[0] * e * 4 * e / t["matmul"]
   bandwidth = stream.nbytes / t["stream"]
@@ -273,6 +303,10 @@ def bench_latency(mb: ModelBench, n: int = 10_000) -> dict[str, Any]:
   for batch in (1, 16):
     enc = analytic_flops(p, batch, 1)["encoder"]
     out[f"encoder_ms_per_query_batch{batch}"] = 1e3 * t[f"encoder_batch{batch}"] / batch
+    if batch in torch_encoders:
+      out[f"torch_encoder_ms_per_query_batch{batch}"] = 1e3 * t[f"torch_encoder_batch{batch}"] / batch
+      out[f"encoder_speedup_vs_torch_batch{batch}"] = (t[f"torch_encoder_batch{batch}"]
+                                                       / t[f"encoder_batch{batch}"])
     out[f"encoder_of_matmul_batch{batch}"] = enc / t[f"encoder_batch{batch}"] / matmul_rate
     for beam in p.beams:
       f = analytic_flops(p, batch, beam)
@@ -440,6 +474,9 @@ def bench_reference(mb: ModelBench, n: int) -> dict[str, float]:
   q_np = mb.queries(p.batch)
   q = jnp.asarray(q_np)
   out = {}
+  # Its encoder alone (batch 1, as it runs), so its decoder part can be set beside ours.
+  encoder = interleaved_times({"encoder": lambda: ref.encode(mb.params, q[:1])}, p.repeats)["encoder"]
+  out["reference_encoder_ms_per_query"] = 1e3 * encoder
   for beam in p.beams:
     ours = interleaved_times({"ours": search_fn(mb, arrays, q, beam, beam)}, p.repeats)["ours"] / p.batch
     ref(q_np[0], beam)  # compile its per-prefix-length programs
@@ -451,6 +488,7 @@ def bench_reference(mb: ModelBench, n: int) -> dict[str, float]:
     theirs = min(per_query)  # best run, as for ours
     out[f"ours_ms_per_query_b{beam}"] = 1e3 * ours
     out[f"reference_ms_per_query_b{beam}"] = 1e3 * theirs
+    out[f"reference_decoder_ms_per_query_b{beam}"] = 1e3 * (theirs - encoder)
     out[f"speedup_vs_reference_b{beam}"] = theirs / ours
   return out
 
@@ -521,12 +559,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "latency" in parts:
       lat = bench_latency(mb, p.gallery_sizes[0])
       figures.update({k: v for k, v in lat.items()}, latency=lat)
-      for key in sorted(k for k in lat if k.startswith(("encoder_ms", "search_ms", "decoder_ms"))):
+      for key in sorted(k for k in lat if k.startswith(("encoder_ms", "torch_encoder_ms", "search_ms",
+                                                         "decoder_ms"))):
         rows.append((key, f"{lat[key]:.1f} ms", "", ""))
+      for key in sorted(k for k in lat if k.startswith("encoder_speedup_vs_torch")):
+        rows.append((key, f"{lat[key]:.2f}x", ">= 1", "PyTorch's CLIP tower / ours, same run"))
       rows.append(("batch1_decoder_floor_ms", f"{lat['batch1_decoder_floor_ms']:.1f} ms", "",
                    f"{p.num_levels} x {lat['decoder_weight_mb']:.0f} MB of decoder weights at "
                    f"{lat['memory_gb_per_s']:.1f} GB/s"))
-      for r in rows[-9:]:
+      for r in rows[-13:]:
         print(r, flush=True)
     if "length" in parts:
       ln = bench_length(p)
@@ -548,6 +589,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      f"reference {r[f'reference_ms_per_query_b{b}']:.0f} ms/q vs ours "
                      f"{r[f'ours_ms_per_query_b{b}']:.2f} ms/q (N={p.gallery_sizes[0]:,})"))
         print(rows[-1], flush=True)
+        if "latency" in parts:  # the decoder parts, both measured in this run
+          key = f"decoder_speedup_vs_reference_b{b}_batch16"
+          figures[key] = (r[f"reference_decoder_ms_per_query_b{b}"]
+                          / figures[f"decoder_ms_per_query_b{b}_batch16"])
+          rows.append((key, f"{figures[key]:.0f}x", ">= 50" if b == 10 else ">= 70",
+                       f"reference decoder part {r[f'reference_decoder_ms_per_query_b{b}']:.0f} ms/q "
+                       f"(batch 1) vs ours {figures[f'decoder_ms_per_query_b{b}_batch16']:.1f} ms/q"))
+          print(rows[-1], flush=True)
 
   width = [max(len(r[i]) for r in rows + [("figure", "value", "target", "note")]) for i in range(4)]
   line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, width))  # noqa: E731
