@@ -8,6 +8,7 @@ re-implemented independently in numpy to recompute every log-probability.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -242,6 +243,21 @@ def test_per_level_widths(toy):
     bs.beam_search(fns, params, arrays, q, beam_size=(2, 3), top_k=TOP_K)
   with pytest.raises(ValueError, match="positive int"):
     bs.beam_search(fns, params, arrays, q, beam_size=(2, 0, 3), top_k=TOP_K)
+
+
+def test_compiled_search_keeps_every_top_k_a_partial_sort(toy):
+  """Each level's top-(W + 1) feeds two slices (the W kept, the best dropped for the pruned bound).
+  XLA's CPU backend lowers top_k to a full sort and turns it back into a partial-sort TopK only when a
+  single slice reads it; without beam_search's optimization barrier every level compiled to a sort of
+  all B x L candidates (1.6 s instead of 23 ms at 256 queries x 100 x 256 here). The compiled program
+  returning the bound must hold TopK calls and no sort."""
+  codes, l, params, *_ = reference("random")
+  index = Index.build(codes, l)
+  search = jax.jit(lambda q: bs.beam_search(toy[3], params, device_tables(index), q, beam_size=(2, 8, 8),
+                                            top_k=TOP_K))
+  hlo = search.lower(jnp.asarray(QUERIES)).compile().as_text()
+  assert re.search(r'custom_call_target="TopK"', hlo), "no TopK in the compiled search"
+  assert not re.search(r"\ssort\(", hlo), [line for line in hlo.splitlines() if " sort(" in line][:2]
 
 
 def test_search_exact_equals_brute_force_and_certifies_some_queries_early(toy):
