@@ -112,7 +112,8 @@ class Attention(nn.Module):
     # Heads-major [3, B, H, N, Dh] once, so both attention products are batched matmuls over (B, H)
     # of contiguous [N, Dh] operands. Contracting the [B, N, H, Dh] layout directly cost XLA's CPU
     # backend strided copies in every product: ViT-B/16 at 224, batch 16, ran 188 ms per image
-    # against 155 ms this way (same numbers up to float rounding; benchmarks/beam_search.py).
+    # against 155 ms this way, timed in turn in one process (same numbers up to float rounding);
+    # benchmarks/beam_search.py --parts latency sets it beside PyTorch's CLIP tower.
     qkv = qkv.transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]                          # each [B, H, N, Dh]
     q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
