@@ -559,6 +559,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "latency" in parts:
       lat = bench_latency(mb, p.gallery_sizes[0])
       figures.update({k: v for k, v in lat.items()}, latency=lat)
+      first = len(rows)
       for key in sorted(k for k in lat if k.startswith(("encoder_ms", "torch_encoder_ms", "search_ms",
                                                          "decoder_ms"))):
         rows.append((key, f"{lat[key]:.1f} ms", "", ""))
@@ -567,7 +568,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       rows.append(("batch1_decoder_floor_ms", f"{lat['batch1_decoder_floor_ms']:.1f} ms", "",
                    f"{p.num_levels} x {lat['decoder_weight_mb']:.0f} MB of decoder weights at "
                    f"{lat['memory_gb_per_s']:.1f} GB/s"))
-      for r in rows[-13:]:
+      for r in rows[first:]:
         print(r, flush=True)
     if "length" in parts:
       ln = bench_length(p)

@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+from irgen_jax import config_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "tokenizer", "retriever", "evaluate")
 BASELINES = ("linear_scan", "faiss_ivfpq", "scann")
@@ -147,20 +149,10 @@ def synthetic_data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds_synthetic")
 
 
-def flat_fields(c):
-  def walk(d, prefix):
-    for k, v in d.items():
-      if isinstance(v, dict):
-        yield from walk(v, f"{prefix}{k}.")
-      else:
-        yield f"{prefix}{k}", v
-  return dict(walk(c.to_dict(), ""))
-
-
 def group_key(c):
   """What a runlocal variant runs: every field outside SHAPE_ONLY."""
-  return json.dumps({k: v for k, v in flat_fields(c).items() if not k.startswith(SHAPE_ONLY)},
-                    sort_keys=True, default=repr)
+  return json.dumps({k: v for k, v in config_lib.flatten(c.to_dict()).items()
+                     if not k.startswith(SHAPE_ONLY)}, sort_keys=True, default=repr)
 
 
 def variant_groups(names=OTHER_CONFIGS):
@@ -171,10 +163,13 @@ def variant_groups(names=OTHER_CONFIGS):
   return list(groups.values())
 
 
+VARIANT_GROUPS = variant_groups()  # decides, at collection, which variants run end to end
+
+
 def test_variant_groups_split_on_any_other_setting():
   """The grouping that decides which variants run end to end tells variants apart by any setting
   outside SHAPE_ONLY, and by nothing inside it."""
-  assert sorted(sum(variant_groups(), [])) == sorted(OTHER_CONFIGS)
+  assert sorted(sum(VARIANT_GROUPS, [])) == sorted(OTHER_CONFIGS)
   assert variant_groups(("fashion_mnist", "imagenet2012")) == [["fashion_mnist"], ["imagenet2012"]]
   c = load_config("imagenet2012")
   other = c.copy_and_resolve_references()
@@ -185,8 +180,7 @@ def test_variant_groups_split_on_any_other_setting():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [g[0] for g in variant_groups()],
-                         ids=["+".join(g) for g in variant_groups()])
+@pytest.mark.parametrize("name", [g[0] for g in VARIANT_GROUPS], ids=["+".join(g) for g in VARIANT_GROUPS])
 def test_runlocal_config_end_to_end(name, tmp_path, synthetic_data_dir):
   c = load_config(name)
   assert c.data.name == "synthetic", "runlocal variants run on generated stand-in data"
