@@ -244,6 +244,10 @@ def base_config() -> ml_collections.ConfigDict:
                             # "neighbors": one of the num_neighbors nearest same-class images in the
                             # tokenizer's feature space (a within-class order for the decoder to learn)
       num_neighbors=0,
+      # With targets="class": each token's target is its expectation over the class's database images
+      # that share the drawn target's prefix (data/soft_targets.py): the paper's loss in expectation,
+      # without the noise of one drawn identifier.
+      soft_targets=False,
       # A finished run's workdir: take its trained retriever instead of training one. That run's config
       # must equal this one but for what only the evaluate stage reads (RETRIEVER_REUSE_MAY_DIFFER),
       # and its identifiers this run's (a sweep over search or eval settings trains once).
@@ -253,7 +257,14 @@ def base_config() -> ml_collections.ConfigDict:
   # reads (max(eval.ks), eval.map_at), so every IRGen column comes from a list at least that long.
   # loop: the search's identifier steps unrolled, or scanned (lax.scan) for long identifiers; "auto"
   # scans a run of >= 8 levels (decoding.beam_search.beam_search).
-  c.search = dict(beam_size=30, query_batch_size=64, widen_to_list=True, loop="auto")
+  # hedge: where the retriever's runner-up class has posterior >= threshold, the last `slots` of the
+  # first `at` places list that class's images (a second search of `beam_size` beams restricted to its
+  # first tokens): recall at K >= at for a little precision (decoding/hedge.py); slots=0: off.
+  # class_first: the search restricted to the first tokens of the retriever's likeliest class (its
+  # first-token distribution summed per class), so the list does not start in a class of less total
+  # mass whose mass sits on fewer first tokens (decoding/hedge.py).
+  c.search = dict(beam_size=30, query_batch_size=64, widen_to_list=True, loop="auto",
+                  class_first=False, hedge=dict(slots=0, at=10, threshold=0.2, beam_size=10))
   c.eval = dict(
       ks=(1, 2, 4, 8),
       map_at=100,
@@ -395,12 +406,22 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   if c.retriever.targets == "neighbors":
     need(c.retriever.num_neighbors > 0, "retriever.num_neighbors", c.retriever.num_neighbors,
          "> 0 with targets='neighbors'")
+  if c.retriever.get("soft_targets", False):
+    need(c.retriever.targets == "class", "retriever.soft_targets", True,
+         "False with retriever.targets='neighbors' (expected targets average over the whole class)")
   need(0 <= c.retriever.label_smoothing < 1, "retriever.label_smoothing",
        c.retriever.label_smoothing, "in [0, 1)")
   need(c.search.beam_size >= 1, "search.beam_size", c.search.beam_size, ">= 1")
   need(c.search.query_batch_size >= 1, "search.query_batch_size", c.search.query_batch_size, ">= 1")
   need(c.search.get("loop", "auto") in ("auto", "unroll", "scan"), "search.loop", c.search.get("loop"),
        "one of auto, unroll, scan")
+  h = c.search.get("hedge") or ml_collections.ConfigDict(dict(slots=0))  # configs from before it
+  need(h.slots >= 0, "search.hedge.slots", h.slots, ">= 0 (0 = no hedge)")
+  if h.slots:
+    need(h.at >= h.slots, "search.hedge.at", h.at, f">= search.hedge.slots ({h.slots})")
+    need(0 < h.threshold <= 1, "search.hedge.threshold", h.threshold, "in (0, 1]")
+    need(h.beam_size >= h.slots, "search.hedge.beam_size", h.beam_size,
+         f">= search.hedge.slots ({h.slots})")
   ks = tuple(c.eval.ks)
   need(len(ks) > 0 and all(k >= 1 for k in ks), "eval.ks", ks, "positive K values")
   need(c.tokenizer.first_refit_steps >= 0, "tokenizer.first_refit_steps",

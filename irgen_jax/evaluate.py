@@ -35,6 +35,7 @@ import numpy as np
 
 from irgen_jax import failpoints, features, files, identifiers, inference, parallel
 from irgen_jax.decoding import beam_search
+from irgen_jax.decoding import hedge as hedge_lib
 from irgen_jax.decoding.program import SearchProgram, list_length
 from irgen_jax.evaluators import baselines, metrics, report
 from irgen_jax.evaluators.results import MethodResult
@@ -52,22 +53,43 @@ def _beams(beam_size) -> list[int]:
 def _irgen(c, wd: Workdir, mesh, ds, indexed: IndexedImages, top_k) -> tuple[MethodResult, dict]:
   model, params = wd.load_retriever(c)
   index = indexed.index
-  program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k)
-  (ids, scores, bound), total_s = program.run(ds.query, warm_up=True, description="beam search")
+  groups, num_groups = hedge_lib.index_groups(index, indexed.labels())
+  program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k, groups=groups,
+                          num_groups=num_groups)
+  found, total_s = program.run(ds.query, warm_up=True, description="beam search")
   encode_s = program.encode_seconds(ds.query)
   beams = _beams(program.beam_size)
-  diagnostics = {"beam": _beam_check(c, mesh, ds, indexed, model, params, program, ids, scores, bound),
-                 "retriever": _pair_accuracy(c, mesh, ds, indexed, model, params)}
+  diagnostics = {"beam": _beam_check(c, mesh, ds, indexed, model, params, program, found),
+                 "retriever": {**_pair_accuracy(c, mesh, ds, indexed, model, params),
+                               **_class_accuracy(found, ds.labels("query"), program.hedge)}}
   stats_path = wd.path(TOKENIZER_STATS)
   build_s = files.read_json(stats_path).get("index_build_s") if os.path.exists(stats_path) else None
   settings = {"beam_size": c.search.beam_size}
   if len(set(beams)) > 1:
     settings["beams_per_level"] = beams
-  result = MethodResult(ids=ids, scores=scores, kind="beam_search", build_s=build_s,
+  if program.class_first:
+    settings["class_first"] = True
+  if program.hedge.enabled:
+    settings.update(program.hedge.settings())
+  result = MethodResult(ids=found.image_ids, scores=found.scores, kind="beam_search", build_s=build_s,
                         search_s=max(total_s - encode_s, 1e-9), encode_s=encode_s,
                         index_bytes=index.nbytes, settings=settings,
                         extra={"index_bytes_per_image": index.bytes_per_image})
   return result, diagnostics
+
+
+def _class_accuracy(found, query_labels: np.ndarray, hedge: hedge_lib.Hedge) -> dict[str, Any]:
+  """The retriever's class decision (its first-token distribution summed per class): how often the
+  likeliest class is the query's (top-1) or one of the two likeliest (top-2), and the share of lists
+  hedged."""
+  top = np.asarray(found.top_groups)
+  if not len(top) or (top[:, 0] < 0).all():
+    return {}
+  hit = top == np.asarray(query_labels)[:, None]
+  out = {"class_accuracy": float(hit[:, 0].mean()), "class_accuracy_top2": float(hit.any(1).mean())}
+  if hedge.enabled:
+    out["hedged"] = float(np.asarray(found.hedged).mean())
+  return out
 
 
 def _sample(c, ds) -> np.ndarray:
@@ -77,7 +99,7 @@ def _sample(c, ds) -> np.ndarray:
       np.zeros(0, np.int64)
 
 
-def _beam_check(c, mesh, ds, indexed, model, params, program, ids, scores, bound) -> dict[str, Any]:
+def _beam_check(c, mesh, ds, indexed, model, params, program, found) -> dict[str, Any]:
   """Is the beam wide enough? The sampled queries searched again with twice the beams at every level.
 
   ``overlap@K``: the share of the wider search's top K images that the run's top K holds;
@@ -85,16 +107,21 @@ def _beam_check(c, mesh, ds, indexed, model, params, program, ids, scores, bound
   beam would buy); ``certified``: share of all queries whose list is provably the exact top K under the
   model (``beam_search.certified``), which uniform same-class targets make rare.
   """
+  ids = found.image_ids
   out = {"beams": _beams(program.beam_size),
-         "certified": float(beam_search.certified(scores, bound).mean())}
+         # A hedged list's last places are not the search's top K: it certifies nothing. (Class
+         # first, a list is certified the exact top K within its class's first tokens.)
+         "certified": float((beam_search.certified(found.scores, found.pruned_bound)
+                             & ~np.asarray(found.hedged)).mean())}
   rows = _sample(c, ds)
   if not len(rows):
     return out
   t0 = time.perf_counter()
   wider = tuple(2 * b for b in out["beams"])
   check = SearchProgram(c, model, params, program.arrays, mesh=mesh, beam_size=wider,
-                        top_k=program.top_k)
-  (wide_ids, _, _), _ = check.run(inference.Subset(ds.query, rows))
+                        top_k=program.top_k, groups=program.groups, num_groups=program.num_groups,
+                        hedge=program.hedge)
+  wide_ids = check.run(inference.Subset(ds.query, rows))[0].image_ids
   labels, q_labels = indexed.labels(), ds.labels("query")[rows]
   rel_b = metrics.relevance(ids[rows], q_labels, labels)
   rel_w = metrics.relevance(wide_ids, q_labels, labels)

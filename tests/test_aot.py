@@ -385,7 +385,8 @@ def test_search_program_database_size_and_lowering_on_cpu():
   q, s = config.search.query_batch_size, config.data.image_size
   assert args[2].shape == (q, s, s, 3)
   out = jax.eval_shape(fn, *args)
-  assert [x.shape for x in out] == [(q, 100), (q, 100), (q,)]  # K = max(ks, map_at) = 100 <= N
+  # K = max(ks, map_at) = 100 <= N; then the two likeliest classes, their posteriors, hedged or not.
+  assert [x.shape for x in out] == [(q, 100), (q, 100), (q,), (q, 2), (q, 2), (q,)]
 
 
 if __name__ == "__main__":

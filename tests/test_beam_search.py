@@ -245,6 +245,38 @@ def test_per_level_widths(toy):
     bs.beam_search(fns, params, arrays, q, beam_size=(2, 0, 3), top_k=TOP_K)
 
 
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_root_mask_searches_within_the_allowed_first_tokens(toy, layout):
+  """A search restricted per query to some first tokens (the hedge's second search) is, with beams for
+  every prefix, the exact top K among the identifiers that start with an allowed token; narrower, its
+  beams all start with one, and its bound covers the allowed identifiers it dropped."""
+  codes, l, params, _, _, all_scores = reference("random")
+  index = Index.build(codes, l, layout=layout)
+  idents = index.identifiers()
+  rng = np.random.default_rng(3)
+  allowed = rng.random((len(QUERIES), l)) < 0.3
+  allowed[-1] = False  # a query allowed nothing: every beam dead, no image
+  fns, arrays, q = toy[3], device_tables(index), jnp.asarray(QUERIES)
+  for beam in (4, index.num_identifiers + 3):
+    res = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=beam, top_k=TOP_K,
+                                                  root_mask=jnp.asarray(allowed)))
+    for i in range(len(QUERIES)):
+      ok = allowed[i][idents[:, 0]]
+      alive = np.isfinite(res.identifier_scores[i])
+      assert alive.sum() == min(beam, ok.sum())
+      assert allowed[i][res.identifiers[i][alive][:, 0]].all()
+      if beam > index.num_identifiers:
+        order = np.flatnonzero(ok)[np.argsort(-all_scores[i][ok], kind="stable")]
+        want = [img for u in order for img in index.images_of(u)][:TOP_K]
+        np.testing.assert_array_equal(res.image_ids[i, :len(want)], want)
+        assert (res.image_ids[i, len(want):] == -1).all()
+      kept = {tuple(x) for x in res.identifiers[i][alive]}
+      missed = [all_scores[i, j] for j in np.flatnonzero(ok) if tuple(idents[j]) not in kept]
+      assert max(missed, default=-np.inf) <= res.pruned_bound[i] + 1e-4
+  with pytest.raises(ValueError, match="root_mask must be bool"):
+    bs.beam_search(fns, params, arrays, q, beam_size=4, top_k=TOP_K, root_mask=jnp.ones((2, l), bool))
+
+
 def test_compiled_search_keeps_every_top_k_a_partial_sort(toy):
   """Each level's top-(W + 1) feeds two slices (the W kept, the best dropped for the pruned bound).
   XLA's CPU backend lowers top_k to a full sort and turns it back into a partial-sort TopK only when a

@@ -73,7 +73,15 @@ def test_insert_folder_is_searchable_at_once(fashion_runlocal_workdir, tmp_path)
   assert not os.path.exists(os.path.join(workdir, "evaluate", "done.json"))
 
   # Searching with an inserted file finds it, right beside its twin (same identifier, same score):
-  # with as many beams as identifiers the beam search scores every identifier.
+  # with as many beams as identifiers the plain beam search scores every identifier. (The run's
+  # class-first policy would score only the likeliest class's, which a runlocal model often gets
+  # wrong: this check searches the run with the plain beam.)
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path) as f:
+    saved = json.load(f)
+  saved["search"].update(class_first=False, hedge=dict(saved["search"]["hedge"], slots=0))
+  with open(config_path, "w") as f:
+    json.dump(saved, f)
   query = [p for p in twins if p.endswith("a.png")][0]
   new_id = [j for j, old in twin_of.items() if old == twins[query]][0]
   out = search.search_images(workdir, [query], k=516, beam_size=index.num_identifiers,

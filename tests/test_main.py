@@ -117,9 +117,18 @@ def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
   assert [lv["purity"] for lv in tok["levels"]] == sorted(lv["purity"] for lv in tok["levels"])
   ret = diagnostics["retriever"]
   assert ret["pairs"] == c.eval.beam_check_queries and len(ret["token_accuracy"]) == c.ids.length
+  assert 0.0 <= ret["class_accuracy"] <= ret["class_accuracy_top2"] <= 1.0
   with open(os.path.join(workdir, "report", "results.md")) as f:
     md = f.read()
   assert "## Diagnostics: where precision is lost" in md and "## Time" in md
+  assert f"the retriever's class (its first-token distribution summed per class) on **" \
+         f"{100 * ret['class_accuracy']:.1f}%**" in md
+  # The Fashion default's list policy, named with the columns it produced.
+  assert c.search.class_first and c.search.hedge.slots == 1
+  info = metrics["method_info"]["irgen"]["settings"]
+  assert info["class_first"] and info["hedge_slots"] == 1
+  assert "irgen searches class first" in md and "place 10 holds that class's best images" in md
+  assert 0.0 <= ret["hedged"] <= 1.0
   assert "beams per level [8, 8, 100, 100]" in md
   with open(os.path.join(workdir, "tokenizer", "stats.json")) as f:
     stats = json.load(f)

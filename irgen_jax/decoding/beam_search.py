@@ -213,12 +213,14 @@ class _Beams(NamedTuple):
 
 
 def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: Any, w: int,
-           num_tokens: int, legal_of, child_of, reorder_cache: bool, reorder: str) -> _Beams:
+           num_tokens: int, legal_of, child_of, reorder_cache: bool, reorder: str,
+           allowed: jax.Array | None = None) -> _Beams:
   """One level: decode, mask, keep the W best of B x L candidates, follow them in the index.
 
   ``legal_of(node, alive) -> (legal [Q,B,L], aux)`` and ``child_of(aux, parent, beam_idx, tok) -> rank``
   are the level's index lookups (dense bit masks or sparse child lists; ``None`` unconstrained); ``t``
-  an int or, inside a scan, a traced scalar."""
+  an int or, inside a scan, a traced scalar; ``allowed`` (bool [Q, L]) narrows every beam's legal tokens
+  further, per query (the root level of a ``root_mask`` search)."""
   q, b = beams.node.shape
   rows_q = jnp.arange(q)[:, None]
   logits, cache = decode_fns.step(params, context, beams.cache, beams.prev, t)
@@ -228,6 +230,8 @@ def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: A
     legal, aux = jnp.broadcast_to(beams.alive[..., None], logp.shape), None
   else:
     legal, aux = legal_of(beams.node, beams.alive)
+  if allowed is not None:
+    legal = legal & allowed[:, None, :]
   cand = (beams.scores[..., None] + jnp.where(legal, logp, ILLEGAL_LOGPROB)).reshape(q, b * num_tokens)
   legal_flat = legal.reshape(q, b * num_tokens)
   if b * num_tokens < w + 1:  # fewer candidates than kept: the missing ones are dead beams
@@ -290,7 +294,8 @@ def _sparse_lookups(first_child: jax.Array, child_token: jax.Array, fanout: int,
 
 
 def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any,
-            beam_size: int | tuple[int, ...], constrained: bool, reorder: str, loop: str):
+            beam_size: int | tuple[int, ...], constrained: bool, reorder: str, loop: str,
+            root_mask: jax.Array | None = None):
   """The beam loop. Returns (tokens int32 [Q,W,M], leaf ids int32 [Q,W], scores f32 [Q,W], alive [Q,W],
   pruned_bound f32 [Q]) with W the last level's width.
 
@@ -318,7 +323,7 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
     legal_of, child_of = lookups(t)
     # The last step's cache is never read.
     return _level(decode_fns, params, context, beams, t, widths[t], num_tokens, legal_of, child_of,
-                  t + 1 < m, reorder)
+                  t + 1 < m, reorder, root_mask if t == 0 else None)
 
   for t in range(s0):
     beams = unrolled(beams, t)
@@ -375,7 +380,7 @@ def _check_static(top_k: int, reorder: str, loop: str) -> None:
                                              "loop"))
 def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any, *, beam_size: int,
                 top_k: int, reorder: str = "gather", constrained: bool = True,
-                loop: str = "auto") -> SearchResult:
+                loop: str = "auto", root_mask: jax.Array | None = None) -> SearchResult:
   """Constrained beam search: the top-K database images of every query.
 
   Args:
@@ -393,6 +398,9 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
       static cache slices), "scan" (the longest run of sparse, equal-width levels as one ``lax.scan``:
       program size and compile time flat in M, for 64-256-token identifiers), or "auto" (scan only a
       run of at least ``SCAN_MIN_LEVELS`` levels). Both give the same search up to float rounding.
+    root_mask: optional bool [Q, L], the first tokens each query's identifiers may start with (on top
+      of the index's): the search within a part of the index, e.g. one class's first tokens
+      (``decoding.hedge``). The pruned bound then covers only the identifiers it allows.
   Returns:
     ``SearchResult``: image_ids int32 [Q, K], scores float32 [Q, K], identifiers int32 [Q, W, M],
     identifier_scores float32 [Q, W] (W: the last level's width); beams in score order, each
@@ -400,8 +408,11 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
   """
   _check_static(top_k, reorder, loop)
   beam_widths(beam_size, index.num_levels)
+  if root_mask is not None and root_mask.shape != (_num_queries(queries), index.num_tokens):
+    raise ValueError(f"root_mask must be bool [Q={_num_queries(queries)}, L={index.num_tokens}]; got "
+                     f"shape {root_mask.shape}.")
   tokens, leaves, scores, alive, bound = _decode(decode_fns, params, index, queries, beam_size,
-                                                 constrained, reorder, loop)
+                                                 constrained, reorder, loop, root_mask)
   if constrained:
     ids, image_scores = _expand(leaves, scores, alive, index.offsets, index.image_ids, top_k)
   else:

@@ -181,6 +181,19 @@ def results_markdown(*, dataset: str, num_database: int, num_queries: int, ks: S
   if listed:
     out += ["", "Every column of " + ", ".join(listed) + " comes from that one search: its last levels "
             "are widened so that its list is as long as the longest a metric reads."]
+  for n in names:
+    st = methods[n].settings
+    if st.get("class_first"):
+      out += ["", f"{n} searches class first (search.class_first): within the first tokens of the class "
+              "its retriever finds likeliest (the first-token distribution summed per class; a first "
+              "token's class is the majority label of the database images under it)."]
+    if st.get("hedge_slots"):
+      r, at = st["hedge_slots"], st["hedge_at"]
+      places = f"place {at} holds" if r == 1 else f"places {at - r + 1}-{at} hold"
+      out += ["", f"{n}'s lists are hedged (search.hedge): where the retriever's runner-up class has "
+              f"posterior >= {st['hedge_threshold']}, {places} that class's best images (a search of "
+              f"{st['hedge_beam_size']} beams within its first tokens) and the rest moves down: its "
+              f"columns at K >= {at - r + 1} come from the hedged list."]
   short = [n for n in names if values[n]["num_retrieved"] < map_at]
   if short:
     out += ["", f"Retrieved fewer than {map_at} images (missing slots count as misses): "
@@ -226,14 +239,22 @@ def diagnostics_markdown(d: Mapping[str, Any], values: Mapping[str, Mapping[str,
   line = []
   if "head_accuracy" in tok:
     line.append(f"the tokenizer's class head is right on **{_pct(tok['head_accuracy'])}%** of the queries")
+  if "class_accuracy" in ret:
+    line.append(f"the retriever's class (its first-token distribution summed per class) on "
+                f"**{_pct(ret['class_accuracy'])}%**, one of its two likeliest on "
+                f"{_pct(ret['class_accuracy_top2'])}%")
   if "precision@1" in irgen:
     line.append(f"IRGen's first image on **{_pct(irgen['precision@1'])}%** (retriever and beam)")
   if "precision_change@1" in beam:
     line.append(f"twice the beams change that by {100 * beam['precision_change@1']:+.1f} points (on "
                 f"{beam['queries']} queries)")
   if line:
-    out += ["Top 1: " + "; ".join(line) + ". The first is about what the tokenizer's features separate; "
-            "a gap to the second is the retriever's loss, the third the beam's.", ""]
+    out += ["Top 1: " + "; ".join(line) + ". The head is about what the tokenizer's features "
+            "separate; a gap to the retriever's class is the retriever's loss, from there to the first "
+            "image the beam's.", ""]
+  if "hedged" in ret:
+    out += [f"**Hedge**: {_pct(ret['hedged'])}% of the lists hold images of the retriever's runner-up "
+            "class (search.hedge).", ""]
   if tok.get("levels"):
     out += [f"**Tokenizer identifiers**: {tok.get('num_identifiers')} distinct, at most "
             f"{tok.get('images_per_identifier_max')} images on one.", "",

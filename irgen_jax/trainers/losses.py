@@ -1,7 +1,8 @@
 """The two stages' objectives (training only: serving never imports this module, nor optax).
 
 - ``tokenizer_loss``: the stage-1 objective of the paper (eq. 3) on ``SemanticTokenizer`` outputs.
-- ``sequence_loss``: the stage-2 objective, label-smoothed cross-entropy over identifier tokens.
+- ``sequence_loss``: the stage-2 objective, label-smoothed cross-entropy over identifier tokens;
+  ``soft_sequence_loss`` the same against target distributions (``retriever.soft_targets``).
 """
 
 from __future__ import annotations
@@ -67,9 +68,21 @@ def sequence_loss(logits: jax.Array, codes: jax.Array, label_smoothing: float):
   """Label-smoothed CE over ``logits float32 [B, M, L]`` of ``codes int [B, M]``, and accuracies."""
   num_tokens = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(codes, num_tokens), label_smoothing)
-  loss = optax.softmax_cross_entropy(logits, targets).mean()
+  return optax.softmax_cross_entropy(logits, targets).mean(), _token_metrics(logits, codes)
+
+
+def _token_metrics(logits: jax.Array, codes: jax.Array) -> dict[str, jax.Array]:
   hit = jnp.argmax(logits, -1) == codes
   metrics = {f"acc_l{m + 1}": hit[:, m].mean() for m in range(codes.shape[1])}
   metrics["acc_sequence"] = hit.all(axis=1).mean()
   metrics["nll"] = optax.softmax_cross_entropy_with_integer_labels(logits, codes).sum(-1).mean()
-  return loss, metrics
+  return metrics
+
+
+def soft_sequence_loss(logits: jax.Array, codes: jax.Array, targets: jax.Array, label_smoothing: float):
+  """``sequence_loss`` against target distributions ``targets float32 [B, M, L]`` (e.g. the expected
+  targets of ``data.soft_targets``) instead of one-hots of ``codes``; the accuracies and ``nll`` still
+  read ``codes``, the teacher-forced identifier, so the logs compare with ``sequence_loss``'s."""
+  num_tokens = logits.shape[-1]
+  smoothed = targets * (1.0 - label_smoothing) + label_smoothing / num_tokens
+  return optax.softmax_cross_entropy(logits, smoothed).mean(), _token_metrics(logits, codes)

@@ -4,9 +4,12 @@ Pairs (x1, x2): x1 is a training image (augmented), x2 a database image of its c
 epoch (``data.pairs.PairSampler``): uniformly from the class (the paper), or, with
 ``retriever.targets="neighbors"``, from x1's ``num_neighbors`` nearest same-class database images in the
 tokenizer's feature space, which gives the decoder a within-class order to learn. The loss is
-label-smoothed cross-entropy over the M tokens of x2's identifier (teacher forcing). The encoder starts
-from the stage-1 encoder, from CLIP, or from scratch; it trains at ``encoder_lr_mult`` x the decoder's
-learning rate, or stays frozen at 0 (then its backward pass is not computed).
+label-smoothed cross-entropy over the M tokens of x2's identifier (teacher forcing); with
+``retriever.soft_targets`` each token's target is instead its expectation over the class's images that
+share x2's prefix (``data.soft_targets``: the same objective in expectation, without the draw's noise).
+The encoder starts from the stage-1 encoder, from CLIP, or from scratch; it trains at
+``encoder_lr_mult`` x the decoder's learning rate, or stays frozen at 0 (then its backward pass is not
+computed).
 
 With ``retriever.reuse_from`` the stage trains nothing: it takes that run's trained retriever, whose
 config may differ from this run's only in what the evaluate stage reads and whose identifiers must be
@@ -29,11 +32,11 @@ import numpy as np
 import optax
 
 from irgen_jax import features, parallel
-from irgen_jax.data import pairs, pipeline, registry
+from irgen_jax.data import pairs, pipeline, registry, soft_targets
 from irgen_jax.models import build
 from irgen_jax.models import retriever as retriever_model
 from irgen_jax.trainers import loop, optim
-from irgen_jax.trainers.losses import sequence_loss
+from irgen_jax.trainers.losses import sequence_loss, soft_sequence_loss
 from irgen_jax.errors import ConfigError
 from irgen_jax.workdir import RETRIEVER_PARAMS, Workdir
 
@@ -59,16 +62,23 @@ def init_fn(model, tx, c: ml_collections.ConfigDict):
 
 
 def make_train_step(model, tx, c: ml_collections.ConfigDict):
+  """``train_step(state, batch, codes_table, soft_tables=None)``: ``codes_table`` int32 [N, M] the
+  database identifiers; ``soft_tables`` (``data.soft_targets.Tables``) with ``retriever.soft_targets``."""
   smoothing = float(c.retriever.label_smoothing)
   frozen = optim.frozen_groups(optim.stage_multipliers(c.retriever))
+  num_tokens = int(c.ids.codebook_size)
 
-  def train_step(state, batch, codes_table):
+  def train_step(state, batch, codes_table, soft_tables=None):
     codes = codes_table[batch["target_index"]]
+    soft = None if soft_tables is None else \
+        soft_targets.distributions(soft_tables, batch["target_index"], num_tokens)
 
     def loss_fn(params):
       logits = model.apply({"params": optim.stop_frozen(params, frozen)}, batch["image"], codes,
                            train=True)
-      return sequence_loss(logits, codes, smoothing)
+      if soft is None:
+        return sequence_loss(logits, codes, smoothing)
+      return soft_sequence_loss(logits, codes, soft, smoothing)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt = tx.update(grads, state["opt"], state["params"])
@@ -176,7 +186,12 @@ def run(c: ml_collections.ConfigDict, workdir: Workdir, mesh) -> dict[str, Any]:
   log.info("Retriever: %d training pairs per epoch, %d steps/epoch, %d steps.",
            len(sampler.eligible), steps_per_epoch, total)
   codes_table = parallel.replicate(jnp.asarray(codes, jnp.int32), mesh)
-  step = functools.partial(make_train_step(model, tx, c), codes_table=codes_table)
+  soft_tables = None
+  if r.get("soft_targets", False):
+    soft_tables = parallel.replicate(
+        jax.tree.map(jnp.asarray, soft_targets.tables(codes, ds.labels("database"))), mesh)
+  step = functools.partial(make_train_step(model, tx, c), codes_table=codes_table,
+                           soft_tables=soft_tables)
   it = pipeline.train_iterator(ds.train, global_batch_size=r.batch_size,
                                image_size=c.data.image_size, seed=c.seed + 1,
                                crop_scale=c.data.crop_scale, flip=c.data.flip, pairs=sampler,
@@ -201,6 +216,13 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   s, b = c.data.image_size, c.retriever.batch_size
   batch = {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32, sharding=sharded),
            "target_index": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharded)}
-  num_db = registry.database_size(c.data)
-  table = jax.ShapeDtypeStruct((num_db, c.ids.length), jnp.int32, sharding=rep)
-  return {"retriever_train_step": (make_train_step(model, tx, c), (state, batch, table))}
+  num_db, m = registry.database_size(c.data), c.ids.length
+  table = jax.ShapeDtypeStruct((num_db, m), jnp.int32, sharding=rep)
+  args = (state, batch, table)
+  if c.retriever.get("soft_targets", False):
+    # Entries per level: at most one per database image.
+    args += (soft_targets.Tables(
+        *(jax.ShapeDtypeStruct((m, num_db), jnp.int32, sharding=rep) for _ in range(2)),
+        jax.ShapeDtypeStruct((m, num_db), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((m, num_db), jnp.float32, sharding=rep)),)
+  return {"retriever_train_step": (make_train_step(model, tx, c), args)}

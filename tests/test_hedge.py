@@ -1,0 +1,148 @@
+"""The hedged list (decoding/hedge.py): first tokens' classes, the class posterior, the merge, and the
+hedged search program on a trained runlocal workdir."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from irgen_jax.decoding import hedge
+from irgen_jax.decoding.program import SearchProgram, search_function
+from irgen_jax.workdir import IndexedImages, Workdir
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(st.integers(1, 60).flatmap(lambda n: st.tuples(
+    hnp.arrays(np.int64, (n, 3), elements=st.integers(0, 7)),
+    hnp.arrays(np.int64, (n,), elements=st.integers(-1, 4)))))
+def test_first_token_groups_are_majority_labels(case):
+  codes, labels = case
+  got = hedge.first_token_groups(codes, labels, 8)
+  for t in range(8):
+    under = [int(y) for c, y in zip(codes[:, 0], labels) if c == t and y >= 0]
+    if not under:
+      assert got[t] == -1
+    else:
+      counts = {y: under.count(y) for y in set(under)}
+      best = max(counts.values())
+      assert got[t] == min(y for y, n in counts.items() if n == best)  # ties to the smaller label
+
+
+def test_group_posterior_sums_the_first_token_distribution_per_group():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((5, 12)).astype(np.float32)
+  groups = np.array([0, 0, 1, 2, -1, 1, 2, 2, 0, -1, 1, 0], np.int32)
+  got = np.asarray(hedge.group_posterior(jnp.asarray(logits), jnp.asarray(groups), 3))
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  want = np.stack([p[:, groups == g].sum(1) for g in range(3)], 1)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(got.sum(1) + p[:, groups == -1].sum(1), 1, rtol=1e-5)
+
+
+@st.composite
+def lists(draw):
+  k = draw(st.integers(1, 12))
+  r = draw(st.integers(1, k))
+  at = draw(st.integers(r, k))
+  pool = st.integers(-1, 15)
+  main = draw(st.lists(st.lists(pool, min_size=k, max_size=k, unique=True), min_size=1, max_size=4))
+  q = len(main)
+  extra = draw(st.lists(st.lists(pool, min_size=r, max_size=r, unique=True), min_size=q, max_size=q))
+  use = draw(st.lists(st.booleans(), min_size=q, max_size=q))
+  return np.array(main, np.int32), np.array(extra, np.int32), np.array(use), at
+
+
+@FAST
+@given(lists())
+def test_merge_puts_the_hedge_before_place_at_and_keeps_the_rest_in_order(case):
+  main, extra, use, at = case
+  # Padding (-1) sits at a list's end, as the search returns it; scores follow the ids.
+  main = np.array([np.concatenate([r[r >= 0], r[r < 0]]) for r in main])
+  extra = np.array([np.concatenate([r[r >= 0], r[r < 0]]) for r in extra])
+  main_scores = np.where(main >= 0, -np.arange(main.shape[1], dtype=np.float32), -np.inf)
+  extra_scores = np.where(extra >= 0, -100 - np.arange(extra.shape[1], dtype=np.float32), -np.inf)
+  ids, scores = map(np.asarray, hedge.merge(jnp.asarray(main), jnp.asarray(main_scores),
+                                            jnp.asarray(extra), jnp.asarray(extra_scores),
+                                            jnp.asarray(use), at))
+  k, r = main.shape[1], extra.shape[1]
+  for i in range(len(main)):
+    if not use[i]:
+      np.testing.assert_array_equal(ids[i], main[i])
+      continue
+    h = [x for x in extra[i] if x >= 0]
+    rest = [x for x in main[i] if x >= 0 and x not in h]
+    head = max(0, at - r)
+    want = (rest[:head] + h + rest[head:])[:k]
+    np.testing.assert_array_equal(ids[i], want + [-1] * (k - len(want)))
+    valid = ids[i] >= 0
+    assert len(set(ids[i][valid])) == valid.sum()             # no image twice
+    # Each image keeps its own score; padding scores -inf.
+    lookup = {**dict(zip(main[i], main_scores[i])), **dict(zip(extra[i], extra_scores[i]))}
+    np.testing.assert_array_equal(scores[i][valid], [lookup[x] for x in ids[i][valid]])
+    assert np.isneginf(scores[i][~valid]).all()
+
+
+def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
+  """With a threshold every query passes, each list's places at-r .. at-1 hold images whose first token
+  stands for the retriever's runner-up class; the other places are the unhedged list without them."""
+  workdir, data_dir = fashion_runlocal_workdir
+  wd = Workdir(str(workdir))
+  c = wd.load_config()
+  c.data.data_dir = str(data_dir)
+  indexed = IndexedImages.open(wd, c)
+  model, params = wd.load_retriever(c)
+  groups, num_groups = hedge.index_groups(indexed.index, indexed.labels())
+  assert num_groups == indexed.dataset.num_classes
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  c.search.class_first = False   # the plain beam first (the runlocal config searches class first)
+  rule = hedge.Hedge(slots=2, at=6, threshold=1e-9, beam_size=4)
+  kw = dict(mesh=mesh, beam_size=8, top_k=12, groups=groups, num_groups=num_groups)
+  plain, _ = SearchProgram(c, model, params, indexed.index, hedge=hedge.Hedge(), **kw).run(
+      indexed.dataset.query)
+  hedged, _ = SearchProgram(c, model, params, indexed.index, hedge=rule, **kw).run(indexed.dataset.query)
+  codes = indexed.index.codes()
+  assert (plain.top_groups[:, 0] != plain.top_groups[:, 1]).all()
+  assert (np.diff(plain.group_probs, axis=1) <= 0).all() and (plain.group_probs.sum(1) <= 1 + 1e-5).all()
+  np.testing.assert_array_equal(hedged.top_groups, plain.top_groups)
+  assert hedged.hedged.all() and not plain.hedged.any()
+  for i in range(len(plain.image_ids)):
+    slot = hedged.image_ids[i, 4:6]
+    assert (groups[codes[slot, 0]] == plain.top_groups[i, 1]).all()
+    rest = [x for x in plain.image_ids[i] if x not in slot]
+    np.testing.assert_array_equal(np.delete(hedged.image_ids[i], [4, 5]), rest[:10])
+  # Class first: every listed image's first token stands for the likeliest class, and the runner-up's
+  # hedge places come on top of that list.
+  c.search.class_first = True
+  first, _ = SearchProgram(c, model, params, indexed.index, hedge=hedge.Hedge(), **kw).run(
+      indexed.dataset.query)
+  listed = first.image_ids >= 0
+  assert listed.any(1).all()
+  assert (groups[codes[np.where(listed, first.image_ids, 0), 0]] == first.top_groups[:, :1])[listed].all()
+  assert (plain.image_ids != first.image_ids).any()   # runlocal's decoder often starts elsewhere
+  # The retriever's class decision is worth reporting: it is right above chance on runlocal data.
+  hit = plain.top_groups[:, 0] == indexed.dataset.labels("query")
+  assert hit.mean() > 1 / num_groups
+
+
+def test_program_drops_the_hedge_where_it_cannot_apply(fashion_runlocal_workdir):
+  workdir, _ = fashion_runlocal_workdir
+  wd = Workdir(str(workdir))
+  c = wd.load_config()
+  model, params = wd.load_retriever(c)
+  index = IndexedImages.open(wd, c, require_data=False).index
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  rule = hedge.Hedge(slots=1, at=10, threshold=0.5, beam_size=2)
+  groups = np.zeros(index.num_tokens, np.int32)
+  assert SearchProgram(c, model, params, index, mesh=mesh, top_k=5, groups=groups, num_groups=3,
+                       hedge=rule).hedge == hedge.Hedge()        # the list ends before place 10
+  assert SearchProgram(c, model, params, index, mesh=mesh, top_k=20, groups=groups, num_groups=1,
+                       hedge=rule).hedge == hedge.Hedge()        # one class: nothing to hedge across
+  assert SearchProgram(c, model, params, index, mesh=mesh, top_k=20, groups=groups, num_groups=3,
+                       hedge=rule).hedge == rule
+  with pytest.raises(ValueError, match="at least 2 groups"):
+    search_function(model, beam_size=4, top_k=20, num_groups=1, hedge=rule)
