@@ -99,8 +99,7 @@ def merge(main_ids: jax.Array, main_scores: jax.Array, hedge_ids: jax.Array, hed
   (bool [Q]); the main list's images that the hedge lists are dropped, the rest move down, the list
   is cut at K, and missing images (-1, from either list) are squeezed out to the end. Elsewhere the
   main list as it is."""
-  q, k = main_ids.shape
-  r = hedge_ids.shape[1]
+  k, r = main_ids.shape[1], hedge_ids.shape[1]
   head = max(0, min(at, k) - r)
   dup = ((main_ids[:, :, None] == hedge_ids[:, None, :]) & (hedge_ids[:, None, :] >= 0)).any(-1)
   # Stable compaction of the main list without the duplicates (their order kept).

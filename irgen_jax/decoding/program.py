@@ -155,6 +155,17 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
   return search
 
 
+def list_policy(c: ml_collections.ConfigDict, num_groups: int, top_k: int,
+                hedge: Hedge | None = None) -> tuple[bool, Hedge]:
+  """(class_first, hedge) a search applies: the config's (``search.class_first``, ``search.hedge``;
+  ``hedge`` overrides the latter), each dropped where it cannot apply: fewer than 2 groups (nothing to
+  choose between) or, for the hedge, a list that ends before its places."""
+  hedge = hedge if hedge is not None else Hedge.from_config(c.search)
+  if num_groups < 2 or top_k < hedge.at:
+    hedge = Hedge()
+  return bool(c.search.get("class_first", False)) and num_groups >= 2, hedge
+
+
 class SearchProgram:
   """A trained retriever over an index, ready to search: ``run(source)`` -> ``Found``, seconds."""
 
@@ -174,10 +185,7 @@ class SearchProgram:
     self.top_k = int(top_k or list_length(c, num_images))
     self.groups = groups
     self.num_groups = int(num_groups) if groups is not None else 0
-    self.hedge = hedge if hedge is not None else Hedge.from_config(c.search)
-    self.class_first = bool(c.search.get("class_first", False)) and self.num_groups >= 2
-    if self.num_groups < 2 or self.top_k < self.hedge.at:
-      self.hedge = Hedge()  # nothing to hedge across, or a list that ends before the hedge's places
+    self.class_first, self.hedge = list_policy(c, self.num_groups, self.top_k, hedge)
     self.params = parallel.replicate(params, mesh)
     self.arrays = parallel.replicate(self.arrays, mesh)
     fn = search_function(model, beam_size=self.beam_size, top_k=self.top_k,
@@ -223,11 +231,9 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   images = jax.ShapeDtypeStruct((q, s, s, 3), jnp.float32, sharding=parallel.batch_sharded(mesh))
   # As the evaluate stage runs it: with the first tokens' classes (the class posterior, the hedge).
   top_k, num_groups = list_length(c, num_images), registry.num_classes(c.data)
-  hedge = Hedge.from_config(c.search)
-  if num_groups < 2 or top_k < hedge.at:
-    hedge = Hedge()
+  class_first, hedge = list_policy(c, num_groups, top_k)
   groups = jax.ShapeDtypeStruct((c.ids.codebook_size,), jnp.int32, sharding=rep)
   fn = search_function(model, beam_size=evaluation_beams(c, num_images), top_k=top_k,
                        loop=c.search.get("loop", "auto"), num_groups=num_groups, hedge=hedge,
-                       class_first=bool(c.search.get("class_first", False)) and num_groups >= 2)
+                       class_first=class_first)
   return {"beam_search": (fn, (params, arrays, images, groups))}
