@@ -58,9 +58,13 @@ def tables(codes: np.ndarray, labels: np.ndarray) -> Tables:
     tokens.append(entries[:, -1].astype(np.int32))
     shares.append((counts / total[group_of_entry]).astype(np.float32))
   e = max([len(t) for t in tokens], default=0) or 1
-  pad = lambda xs, dt: np.stack([np.concatenate([x, np.zeros(e - len(x), dt)]) for x in xs]) \
-      if xs else np.zeros((0, e), dt)  # noqa: E731
-  return Tables(start, length, pad(tokens, np.int32), pad(shares, np.float32))
+
+  def padded(rows, dtype):
+    out = np.zeros((len(rows), e), dtype)
+    for level, row in enumerate(rows):
+      out[level, :len(row)] = row
+    return out
+  return Tables(start, length, padded(tokens, np.int32), padded(shares, np.float32))
 
 
 def distributions(t: Tables, target_index: jax.Array, num_tokens: int) -> jax.Array:

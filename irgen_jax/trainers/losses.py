@@ -66,9 +66,7 @@ def tokenizer_loss(
 
 def sequence_loss(logits: jax.Array, codes: jax.Array, label_smoothing: float):
   """Label-smoothed CE over ``logits float32 [B, M, L]`` of ``codes int [B, M]``, and accuracies."""
-  num_tokens = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(codes, num_tokens), label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets).mean(), _token_metrics(logits, codes)
+  return soft_sequence_loss(logits, codes, jax.nn.one_hot(codes, logits.shape[-1]), label_smoothing)
 
 
 def _token_metrics(logits: jax.Array, codes: jax.Array) -> dict[str, jax.Array]:
@@ -83,6 +81,5 @@ def soft_sequence_loss(logits: jax.Array, codes: jax.Array, targets: jax.Array, 
   """``sequence_loss`` against target distributions ``targets float32 [B, M, L]`` (e.g. the expected
   targets of ``data.soft_targets``) instead of one-hots of ``codes``; the accuracies and ``nll`` still
   read ``codes``, the teacher-forced identifier, so the logs compare with ``sequence_loss``'s."""
-  num_tokens = logits.shape[-1]
-  smoothed = targets * (1.0 - label_smoothing) + label_smoothing / num_tokens
+  smoothed = optax.smooth_labels(targets, label_smoothing)
   return optax.softmax_cross_entropy(logits, smoothed).mean(), _token_metrics(logits, codes)

@@ -221,8 +221,7 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   args = (state, batch, table)
   if c.retriever.get("soft_targets", False):
     # Entries per level: at most one per database image.
-    args += (soft_targets.Tables(
-        *(jax.ShapeDtypeStruct((m, num_db), jnp.int32, sharding=rep) for _ in range(2)),
-        jax.ShapeDtypeStruct((m, num_db), jnp.int32, sharding=rep),
-        jax.ShapeDtypeStruct((m, num_db), jnp.float32, sharding=rep)),)
+    ints = jax.ShapeDtypeStruct((m, num_db), jnp.int32, sharding=rep)
+    floats = jax.ShapeDtypeStruct((m, num_db), jnp.float32, sharding=rep)
+    args += (soft_targets.Tables(start=ints, length=ints, token=ints, share=floats),)
   return {"retriever_train_step": (make_train_step(model, tx, c), args)}
