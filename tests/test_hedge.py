@@ -44,16 +44,24 @@ def test_group_posterior_sums_the_first_token_distribution_per_group():
   np.testing.assert_allclose(got.sum(1) + p[:, groups == -1].sum(1), 1, rtol=1e-5)
 
 
+# Fixed shapes (Q queries, K places) and a few (R, at) pairs, so the jitted merge compiles a dozen
+# programs whatever hypothesis draws; short lists are rows padded with -1, as the search returns them.
+Q, K = 4, 12
+merge = jax.jit(hedge.merge, static_argnums=5)
+
+
+def padded_row(draw, length):
+  ids = draw(st.lists(st.integers(0, 15), min_size=0, max_size=length, unique=True))
+  return ids + [-1] * (length - len(ids))
+
+
 @st.composite
 def lists(draw):
-  k = draw(st.integers(1, 12))
-  r = draw(st.integers(1, k))
-  at = draw(st.integers(r, k))
-  pool = st.integers(-1, 15)
-  main = draw(st.lists(st.lists(pool, min_size=k, max_size=k, unique=True), min_size=1, max_size=4))
-  q = len(main)
-  extra = draw(st.lists(st.lists(pool, min_size=r, max_size=r, unique=True), min_size=q, max_size=q))
-  use = draw(st.lists(st.booleans(), min_size=q, max_size=q))
+  r = draw(st.sampled_from([1, 2, 3]))
+  at = draw(st.sampled_from([r, 5, 10, K]))
+  main = [padded_row(draw, K) for _ in range(Q)]
+  extra = [padded_row(draw, r) for _ in range(Q)]
+  use = draw(st.lists(st.booleans(), min_size=Q, max_size=Q))
   return np.array(main, np.int32), np.array(extra, np.int32), np.array(use), at
 
 
@@ -61,14 +69,10 @@ def lists(draw):
 @given(lists())
 def test_merge_puts_the_hedge_before_place_at_and_keeps_the_rest_in_order(case):
   main, extra, use, at = case
-  # Padding (-1) sits at a list's end, as the search returns it; scores follow the ids.
-  main = np.array([np.concatenate([r[r >= 0], r[r < 0]]) for r in main])
-  extra = np.array([np.concatenate([r[r >= 0], r[r < 0]]) for r in extra])
   main_scores = np.where(main >= 0, -np.arange(main.shape[1], dtype=np.float32), -np.inf)
   extra_scores = np.where(extra >= 0, -100 - np.arange(extra.shape[1], dtype=np.float32), -np.inf)
-  ids, scores = map(np.asarray, hedge.merge(jnp.asarray(main), jnp.asarray(main_scores),
-                                            jnp.asarray(extra), jnp.asarray(extra_scores),
-                                            jnp.asarray(use), at))
+  ids, scores = map(np.asarray, merge(jnp.asarray(main), jnp.asarray(main_scores), jnp.asarray(extra),
+                                      jnp.asarray(extra_scores), jnp.asarray(use), at))
   k, r = main.shape[1], extra.shape[1]
   for i in range(len(main)):
     if not use[i]:
