@@ -17,6 +17,10 @@ import ml_collections
 
 from irgen_jax.errors import ConfigError
 
+# The largest prefix-class table a class-first search may build (search.class_levels): L^D int32 entries,
+# 4M = 16 MB, so two levels up to L = 2048.
+MAX_PREFIX_CLASS_ENTRIES = 1 << 22
+
 
 def load_module(config_arg: str):
   """``configs/X.py[:ARG]`` -> (the config file as a module, ARG or None).
@@ -263,8 +267,11 @@ def base_config() -> ml_collections.ConfigDict:
   # class_first: the search restricted to the first tokens of the retriever's likeliest class (its
   # first-token distribution summed per class), so the list does not start in a class of less total
   # mass whose mass sits on fewer first tokens (decoding/hedge.py).
+  # class_levels: how many levels both restrictions hold: 2 = also every two-token prefix's class (the
+  # majority label under it), which skips the other classes' images that share a first token.
   c.search = dict(beam_size=30, query_batch_size=64, widen_to_list=True, loop="auto",
-                  class_first=False, hedge=dict(slots=0, at=10, threshold=0.2, beam_size=10))
+                  class_first=False, class_levels=1,
+                  hedge=dict(slots=0, at=10, threshold=0.2, beam_size=10))
   c.eval = dict(
       ks=(1, 2, 4, 8),
       map_at=100,
@@ -415,6 +422,11 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   need(c.search.query_batch_size >= 1, "search.query_batch_size", c.search.query_batch_size, ">= 1")
   need(c.search.get("loop", "auto") in ("auto", "unroll", "scan"), "search.loop", c.search.get("loop"),
        "one of auto, unroll, scan")
+  need(1 <= c.search.get("class_levels", 1) <= min(c.ids.length, 2), "search.class_levels",
+       c.search.get("class_levels"), f"1 or 2, at most ids.length ({c.ids.length})")
+  need(c.ids.codebook_size ** c.search.get("class_levels", 1) <= MAX_PREFIX_CLASS_ENTRIES,
+       "search.class_levels", c.search.get("class_levels"),
+       f"such that ids.codebook_size^class_levels <= {MAX_PREFIX_CLASS_ENTRIES} (a prefix-class table)")
   h = c.search.get("hedge") or ml_collections.ConfigDict(dict(slots=0))  # configs from before it
   need(h.slots >= 0, "search.hedge.slots", h.slots, ">= 0 (0 = no hedge)")
   if h.slots:

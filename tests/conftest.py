@@ -32,11 +32,17 @@ def pytest_configure(config):
   tiny programs many times: the shared runlocal job, every kill point's reference and restart, the
   sweep's points, the config end-to-end runs. A cached executable is the compiled program itself, so
   results are the same bytes as without the cache. The size limit turns on jax's file lock, so two
-  workers never read an entry while the other writes it. (A cache dir already set is kept.)"""
+  workers never read an entry while the other writes it. (A cache dir already set is kept.)
+
+  Only programs that took at least 0.1 s to compile are written: with the size limit, every write
+  lists and reads the whole cache to pick what to evict (jax's LRU cache), so each costs time linear
+  in the entries, under the lock that both workers wait on. With every program written (eager ops of
+  tests included) the suite's cache reached ~2,500 entries and a write took ~0.2-0.3 s; the tiny
+  programs left out recompile in less than that."""
   base = config._tmp_path_factory.getbasetemp()  # pylint: disable=protected-access
   root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / "xla_cache"))
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 

@@ -384,9 +384,15 @@ def test_search_program_database_size_and_lowering_on_cpu():
   assert name == "beam_search"
   q, s = config.search.query_batch_size, config.data.image_size
   assert args[2].shape == (q, s, s, 3)
+  l = config.ids.codebook_size
+  assert [g.shape for g in args[3]] == [(l,)]               # the first tokens' classes
   out = jax.eval_shape(fn, *args)
   # K = max(ks, map_at) = 100 <= N; then the two likeliest classes, their posteriors, hedged or not.
   assert [x.shape for x in out] == [(q, 100), (q, 100), (q,), (q, 2), (q, 2), (q,)]
+  config.search.class_levels = 2                             # and the two-token prefixes' too
+  (_, (fn, args)), = program.aot_program(config, mesh).items()
+  assert [g.shape for g in args[3]] == [(l,), (l, l)]
+  assert [x.shape for x in jax.eval_shape(fn, *args)] == [x.shape for x in out]
 
 
 if __name__ == "__main__":

@@ -245,36 +245,48 @@ def test_per_level_widths(toy):
     bs.beam_search(fns, params, arrays, q, beam_size=(2, 0, 3), top_k=TOP_K)
 
 
-@pytest.mark.parametrize("layout", ["dense", "sparse"])
-def test_root_mask_searches_within_the_allowed_first_tokens(toy, layout):
-  """A search restricted per query to some first tokens (the hedge's second search) is, with beams for
-  every prefix, the exact top K among the identifiers that start with an allowed token; narrower, its
-  beams all start with one, and its bound covers the allowed identifiers it dropped."""
+@pytest.mark.parametrize("layout,depth", [("dense", 1), ("sparse", 1), ("dense", 2), ("sparse", 2)])
+def test_prefix_classes_search_within_the_query_class(toy, layout, depth):
+  """A search within one class's prefixes (class first, the hedge's second search) is, with beams for
+  every prefix, the exact top K among the identifiers whose first ``depth`` prefixes have the query's
+  class; narrower, its beams all have them, and its bound covers the allowed identifiers it dropped."""
   codes, l, params, _, _, all_scores = reference("random")
   index = Index.build(codes, l, layout=layout)
   idents = index.identifiers()
   rng = np.random.default_rng(3)
-  allowed = rng.random((len(QUERIES), l)) < 0.3
-  allowed[-1] = False  # a query allowed nothing: every beam dead, no image
+  tables = tuple(rng.integers(-1, 3, (l,) * (t + 1)).astype(np.int32) for t in range(depth))
+  target = rng.integers(0, 3, len(QUERIES)).astype(np.int32)
+  target[-1] = 7  # a class no prefix has: every beam dead, no image
+  classes = bs.PrefixClasses(tuple(map(jnp.asarray, tables)), jnp.asarray(target))
+
+  def allowed(ident, i):
+    return all(tables[t][tuple(ident[:t + 1])] == target[i] for t in range(depth))
   fns, arrays, q = toy[3], device_tables(index), jnp.asarray(QUERIES)
-  for beam in (4, index.num_identifiers + 3):
+  wide = index.num_identifiers + 3
+  # (scan: the restricted levels are unrolled, the scan starts after them)
+  for beam, loop in ((4, "unroll"), (wide, "unroll"), (wide, "scan")):
     res = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=beam, top_k=TOP_K,
-                                                  root_mask=jnp.asarray(allowed)))
+                                                  classes=classes, loop=loop))
     for i in range(len(QUERIES)):
-      ok = allowed[i][idents[:, 0]]
+      ok = np.array([allowed(x, i) for x in idents])
       alive = np.isfinite(res.identifier_scores[i])
-      assert alive.sum() == min(beam, ok.sum())
-      assert allowed[i][res.identifiers[i][alive][:, 0]].all()
       if beam > index.num_identifiers:
+        assert alive.sum() == ok.sum()
         order = np.flatnonzero(ok)[np.argsort(-all_scores[i][ok], kind="stable")]
         want = [img for u in order for img in index.images_of(u)][:TOP_K]
         np.testing.assert_array_equal(res.image_ids[i, :len(want)], want)
         assert (res.image_ids[i, len(want):] == -1).all()
+      assert all(allowed(x, i) for x in res.identifiers[i][alive])
       kept = {tuple(x) for x in res.identifiers[i][alive]}
       missed = [all_scores[i, j] for j in np.flatnonzero(ok) if tuple(idents[j]) not in kept]
       assert max(missed, default=-np.inf) <= res.pruned_bound[i] + 1e-4
-  with pytest.raises(ValueError, match="root_mask must be bool"):
-    bs.beam_search(fns, params, arrays, q, beam_size=4, top_k=TOP_K, root_mask=jnp.ones((2, l), bool))
+    assert not np.isfinite(res.identifier_scores[-1]).any() and (res.image_ids[-1] == -1).all()
+  with pytest.raises(ValueError, match="classes.target must be int"):
+    bs.beam_search(fns, params, arrays, q, beam_size=4, top_k=TOP_K,
+                   classes=classes._replace(target=jnp.zeros(2, jnp.int32)))
+  with pytest.raises(ValueError, match="classes.tables must be"):
+    bs.beam_search(fns, params, arrays, q, beam_size=4, top_k=TOP_K,
+                   classes=classes._replace(tables=(jnp.zeros((l, l), jnp.int32),)))
 
 
 def test_compiled_search_keeps_every_top_k_a_partial_sort(toy):

@@ -1,6 +1,8 @@
 """The hedged list (decoding/hedge.py): first tokens' classes, the class posterior, the merge, and the
 hedged search program on a trained runlocal workdir."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from irgen_jax import config_lib
 from irgen_jax.decoding import hedge
 from irgen_jax.decoding.program import SearchProgram, search_function
 from irgen_jax.workdir import IndexedImages, Workdir
@@ -19,18 +22,22 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 @FAST
 @given(st.integers(1, 60).flatmap(lambda n: st.tuples(
     hnp.arrays(np.int64, (n, 3), elements=st.integers(0, 7)),
-    hnp.arrays(np.int64, (n,), elements=st.integers(-1, 4)))))
-def test_first_token_groups_are_majority_labels(case):
+    hnp.arrays(np.int64, (n,), elements=st.integers(-1, 4)))), st.integers(1, 2))
+def test_prefix_groups_are_majority_labels(case, depth):
   codes, labels = case
-  got = hedge.first_token_groups(codes, labels, 8)
-  for t in range(8):
-    under = [int(y) for c, y in zip(codes[:, 0], labels) if c == t and y >= 0]
-    if not under:
-      assert got[t] == -1
-    else:
-      counts = {y: under.count(y) for y in set(under)}
-      best = max(counts.values())
-      assert got[t] == min(y for y, n in counts.items() if n == best)  # ties to the smaller label
+  tables = hedge.prefix_groups(codes, labels, 8, depth)
+  assert [t.shape for t in tables] == [(8,) * (d + 1) for d in range(depth)]
+  for d, table in enumerate(tables):
+    for prefix in np.ndindex(*table.shape):
+      under = [int(y) for c, y in zip(codes, labels) if tuple(c[:d + 1]) == prefix and y >= 0]
+      if not under:
+        assert table[prefix] == -1
+      else:
+        counts = {y: under.count(y) for y in set(under)}
+        best = max(counts.values())
+        assert table[prefix] == min(y for y, n in counts.items() if n == best)  # ties to the smaller
+  with pytest.raises(ValueError, match="depth"):
+    hedge.prefix_groups(codes, labels, 8, 4)
 
 
 def test_group_posterior_sums_the_first_token_distribution_per_group():
@@ -100,12 +107,13 @@ def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
   c.data.data_dir = str(data_dir)
   indexed = IndexedImages.open(wd, c)
   model, params = wd.load_retriever(c)
-  groups, num_groups = hedge.index_groups(indexed.index, indexed.labels())
+  tables, num_groups = hedge.index_groups(indexed.index, indexed.labels(), 2)
+  groups, pairs = tables
   assert num_groups == indexed.dataset.num_classes
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   c.search.class_first = False   # the plain beam first (the runlocal config searches class first)
   rule = hedge.Hedge(slots=2, at=6, threshold=1e-9, beam_size=4)
-  kw = dict(mesh=mesh, beam_size=8, top_k=12, groups=groups, num_groups=num_groups)
+  kw = dict(mesh=mesh, beam_size=8, top_k=12, groups=tables[:1], num_groups=num_groups)
   plain, _ = SearchProgram(c, model, params, indexed.index, hedge=hedge.Hedge(), **kw).run(
       indexed.dataset.query)
   hedged, _ = SearchProgram(c, model, params, indexed.index, hedge=rule, **kw).run(indexed.dataset.query)
@@ -128,6 +136,17 @@ def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
   assert listed.any(1).all()
   assert (groups[codes[np.where(listed, first.image_ids, 0), 0]] == first.top_groups[:, :1])[listed].all()
   assert (plain.image_ids != first.image_ids).any()   # runlocal's decoder often starts elsewhere
+  # At two levels, every listed image's two-token prefix stands for that class too.
+  two, _ = SearchProgram(c, model, params, indexed.index, hedge=hedge.Hedge(),
+                         **{**kw, "groups": tables}).run(indexed.dataset.query)
+  listed = two.image_ids >= 0
+  assert listed.any(1).all()
+  ids = np.where(listed, two.image_ids, 0)
+  assert (pairs[codes[ids, 0], codes[ids, 1]] == two.top_groups[:, :1])[listed].all()
+  assert (pairs[codes[ids, 0], codes[ids, 1]] == first.top_groups[:, :1])[listed].all()
+  assert not (pairs[codes[np.where(first.image_ids >= 0, first.image_ids, 0), 0],
+                    codes[np.where(first.image_ids >= 0, first.image_ids, 0), 1]]
+              == first.top_groups[:, :1])[first.image_ids >= 0].all()   # one level lists others too
   # The retriever's class decision is worth reporting: it is right above chance on runlocal data.
   hit = plain.top_groups[:, 0] == indexed.dataset.labels("query")
   assert hit.mean() > 1 / num_groups
@@ -141,7 +160,7 @@ def test_program_drops_the_hedge_where_it_cannot_apply(fashion_runlocal_workdir)
   index = IndexedImages.open(wd, c, require_data=False).index
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   rule = hedge.Hedge(slots=1, at=10, threshold=0.5, beam_size=2)
-  groups = np.zeros(index.num_tokens, np.int32)
+  groups = (np.zeros(index.num_tokens, np.int32),)
   assert SearchProgram(c, model, params, index, mesh=mesh, top_k=5, groups=groups, num_groups=3,
                        hedge=rule).hedge == hedge.Hedge()        # the list ends before place 10
   assert SearchProgram(c, model, params, index, mesh=mesh, top_k=20, groups=groups, num_groups=1,
@@ -150,3 +169,12 @@ def test_program_drops_the_hedge_where_it_cannot_apply(fashion_runlocal_workdir)
                        hedge=rule).hedge == rule
   with pytest.raises(ValueError, match="at least 2 groups"):
     search_function(model, beam_size=4, top_k=20, num_groups=1, hedge=rule)
+
+
+@pytest.mark.parametrize("levels,codebook,needle", [(3, 256, "1 or 2"), (0, 256, "1 or 2"),
+                                                   (2, 4096, "codebook_size^class_levels")])
+def test_class_levels_are_validated(levels, codebook, needle):
+  c = config_lib.load("configs/fashion_mnist.py:runlocal")
+  c.search.class_levels, c.ids.codebook_size = levels, codebook
+  with pytest.raises(config_lib.ConfigError, match=f"search.class_levels={levels}.*{re.escape(needle)}"):
+    config_lib.validate(c, num_devices=1)

@@ -88,6 +88,26 @@ class SearchResult(NamedTuple):
   pruned_bound: jax.Array
 
 
+class PrefixClasses(NamedTuple):
+  """A search within one class's part of the index: an identifier is allowed when the class of each of
+  its first D prefixes is the query's ``target`` (the prefixes' classes: ``decoding.hedge``).
+
+  tables: D int32 arrays, ``tables[t]`` of shape [L] * (t + 1): the class of every prefix of t + 1
+    tokens (-1: none; never a target), e.g. ([L], [L, L]) for the first two levels.
+  target: int32 [Q], each query's class.
+  """
+  tables: tuple
+  target: jax.Array
+
+
+def _allowed(classes: PrefixClasses, tokens: jax.Array, t: int) -> jax.Array:
+  """bool [Q, B, L] (or [Q, 1, L] at the root): the tokens at level t whose prefix, the beam's tokens
+  0..t-1 plus the token, has the query's class."""
+  table = classes.tables[t]
+  rows = table[tuple(tokens[..., i] for i in range(t))] if t else table[None, None]
+  return rows == classes.target[:, None, None]
+
+
 def _num_queries(queries: Any) -> int:
   leaves = jax.tree.leaves(queries)
   if not leaves:
@@ -168,12 +188,14 @@ LOOP_MODES = ("auto", "unroll", "scan")
 SCAN_MIN_LEVELS = 8
 
 
-def scanned_levels(index: IndexArrays, widths: tuple[int, ...], loop: str) -> tuple[int, int]:
+def scanned_levels(index: IndexArrays, widths: tuple[int, ...], loop: str,
+                   first: int = 1) -> tuple[int, int]:
   """The levels [s0, s1) that ``loop`` runs as one ``lax.scan`` ((0, 0): none): the longest run of sparse
-  levels, after the root, that keep the width their beams come in with (a scan's carry has one shape)."""
+  levels, from ``first`` on (after the root, and after the levels a ``PrefixClasses`` search restricts:
+  those are unrolled), that keep the width their beams come in with (a scan's carry has one shape)."""
   if loop == "unroll":
     return 0, 0
-  best, t, m = (0, 0), 1, index.num_levels
+  best, t, m = (0, 0), max(1, first), index.num_levels
   while t < m:
     if index.masks[t] is not None or widths[t] != widths[t - 1]:
       t += 1
@@ -219,8 +241,8 @@ def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: A
 
   ``legal_of(node, alive) -> (legal [Q,B,L], aux)`` and ``child_of(aux, parent, beam_idx, tok) -> rank``
   are the level's index lookups (dense bit masks or sparse child lists; ``None`` unconstrained); ``t``
-  an int or, inside a scan, a traced scalar; ``allowed`` (bool [Q, L]) narrows every beam's legal tokens
-  further, per query (the root level of a ``root_mask`` search)."""
+  an int or, inside a scan, a traced scalar; ``allowed`` (bool [Q, B or 1, L]) narrows the beams' legal
+  tokens further (a level of a ``PrefixClasses`` search)."""
   q, b = beams.node.shape
   rows_q = jnp.arange(q)[:, None]
   logits, cache = decode_fns.step(params, context, beams.cache, beams.prev, t)
@@ -231,7 +253,7 @@ def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: A
   else:
     legal, aux = legal_of(beams.node, beams.alive)
   if allowed is not None:
-    legal = legal & allowed[:, None, :]
+    legal = legal & allowed
   cand = (beams.scores[..., None] + jnp.where(legal, logp, ILLEGAL_LOGPROB)).reshape(q, b * num_tokens)
   legal_flat = legal.reshape(q, b * num_tokens)
   if b * num_tokens < w + 1:  # fewer candidates than kept: the missing ones are dead beams
@@ -295,7 +317,7 @@ def _sparse_lookups(first_child: jax.Array, child_token: jax.Array, fanout: int,
 
 def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any,
             beam_size: int | tuple[int, ...], constrained: bool, reorder: str, loop: str,
-            root_mask: jax.Array | None = None):
+            classes: PrefixClasses | None = None):
   """The beam loop. Returns (tokens int32 [Q,W,M], leaf ids int32 [Q,W], scores f32 [Q,W], alive [Q,W],
   pruned_bound f32 [Q]) with W the last level's width.
 
@@ -303,7 +325,8 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
   which is one ``lax.scan`` over stacked sparse tables (the program's size stays flat in M)."""
   q, m, num_tokens = _num_queries(queries), index.num_levels, index.num_tokens
   widths = beam_widths(beam_size, m)
-  s0, s1 = scanned_levels(index, widths, loop) if constrained else (0, 0)
+  depth = len(classes.tables) if classes is not None else 0
+  s0, s1 = scanned_levels(index, widths, loop, first=depth) if constrained else (0, 0)
   context = decode_fns.init(params, queries)
   # Level 0 decodes the root once per query (every beam would see the same prefix); its W best tokens
   # become the beams, gathered from that one row.
@@ -323,7 +346,7 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
     legal_of, child_of = lookups(t)
     # The last step's cache is never read.
     return _level(decode_fns, params, context, beams, t, widths[t], num_tokens, legal_of, child_of,
-                  t + 1 < m, reorder, root_mask if t == 0 else None)
+                  t + 1 < m, reorder, _allowed(classes, beams.tokens, t) if t < depth else None)
 
   for t in range(s0):
     beams = unrolled(beams, t)
@@ -366,6 +389,15 @@ def _expand(leaves: jax.Array, scores: jax.Array, alive: jax.Array, offsets: jax
   return ids.astype(jnp.int32), jnp.where(found, jnp.take_along_axis(scores, beam, axis=1), -jnp.inf)
 
 
+def _check_classes(classes: PrefixClasses, q: int, num_tokens: int, num_levels: int) -> None:
+  shapes = [tuple(x.shape) for x in classes.tables]
+  if not 1 <= len(shapes) <= num_levels or any(s != (num_tokens,) * (t + 1) for t, s in enumerate(shapes)):
+    raise ValueError(f"classes.tables must be 1..{num_levels} arrays of shapes [L], [L, L], ... with "
+                     f"L={num_tokens}; got shapes {shapes}.")
+  if tuple(classes.target.shape) != (q,):
+    raise ValueError(f"classes.target must be int [Q={q}]; got shape {tuple(classes.target.shape)}.")
+
+
 def _check_static(top_k: int, reorder: str, loop: str) -> None:
   """The static arguments but ``beam_size`` (``beam_widths`` checks it against the index's M)."""
   if not isinstance(top_k, int) or top_k < 1:
@@ -380,7 +412,7 @@ def _check_static(top_k: int, reorder: str, loop: str) -> None:
                                              "loop"))
 def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any, *, beam_size: int,
                 top_k: int, reorder: str = "gather", constrained: bool = True,
-                loop: str = "auto", root_mask: jax.Array | None = None) -> SearchResult:
+                loop: str = "auto", classes: PrefixClasses | None = None) -> SearchResult:
   """Constrained beam search: the top-K database images of every query.
 
   Args:
@@ -398,9 +430,9 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
       static cache slices), "scan" (the longest run of sparse, equal-width levels as one ``lax.scan``:
       program size and compile time flat in M, for 64-256-token identifiers), or "auto" (scan only a
       run of at least ``SCAN_MIN_LEVELS`` levels). Both give the same search up to float rounding.
-    root_mask: optional bool [Q, L], the first tokens each query's identifiers may start with (on top
-      of the index's): the search within a part of the index, e.g. one class's first tokens
-      (``decoding.hedge``). The pruned bound then covers only the identifiers it allows.
+    classes: optional ``PrefixClasses``: only identifiers whose first D prefixes have the query's class
+      (on top of the index's constraint), e.g. the search within one class (``decoding.hedge``). The
+      pruned bound then covers only the identifiers it allows.
   Returns:
     ``SearchResult``: image_ids int32 [Q, K], scores float32 [Q, K], identifiers int32 [Q, W, M],
     identifier_scores float32 [Q, W] (W: the last level's width); beams in score order, each
@@ -408,11 +440,10 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
   """
   _check_static(top_k, reorder, loop)
   beam_widths(beam_size, index.num_levels)
-  if root_mask is not None and root_mask.shape != (_num_queries(queries), index.num_tokens):
-    raise ValueError(f"root_mask must be bool [Q={_num_queries(queries)}, L={index.num_tokens}]; got "
-                     f"shape {root_mask.shape}.")
+  if classes is not None:
+    _check_classes(classes, _num_queries(queries), index.num_tokens, index.num_levels)
   tokens, leaves, scores, alive, bound = _decode(decode_fns, params, index, queries, beam_size,
-                                                 constrained, reorder, loop, root_mask)
+                                                 constrained, reorder, loop, classes)
   if constrained:
     ids, image_scores = _expand(leaves, scores, alive, index.offsets, index.image_ids, top_k)
   else:

@@ -6,17 +6,19 @@ p(class | query) / (images of the class): the beam lists one class, and which on
 class's mass spreads over first tokens as much as on the mass itself. Both policies read the class the
 retriever decides on directly:
 
-1. every first token's *group* is the majority label of the database images under it
-   (``first_token_groups``, from the index's codes and the database labels: meaningful when classes
-   are coarser than first tokens, as with Fashion-MNIST's 10 classes over 256 first tokens, not for
+1. every prefix's *group* (class) is the majority label of the database images under it
+   (``prefix_groups``, from the index's codes and the database labels: meaningful when classes are
+   coarser than first tokens, as with Fashion-MNIST's 10 classes over 256 first tokens, not for
    In-shop's item ids);
 2. the retriever's first-token distribution summed per group is its class posterior
    (``group_posterior``), from the search's root step;
-3. ``class_first``: the search is restricted to the likeliest group's first tokens
-   (``beam_search(root_mask=...)``), so the list starts in the class of most mass, not in a class of
-   less mass concentrated on fewer first tokens;
+3. ``class_first``: the search is restricted to the identifiers whose first ``search.class_levels``
+   prefixes have the likeliest group (``beam_search(classes=PrefixClasses(...))``), so the list starts
+   in the class of most mass, not in a class of less mass concentrated on fewer first tokens; at two
+   levels it also skips the other classes' images that share a first token with the class's (a first
+   token's images are ~89% one class on Fashion-MNIST, a two-token prefix's ~95%);
 4. the hedge: where the runner-up group's posterior is at least ``threshold``, a second, narrow search
-   within that group's first tokens gives ``slots`` images, which take the last ``slots`` of the first
+   within that group's prefixes gives ``slots`` images, which take the last ``slots`` of the first
    ``at`` places (``merge``); the main list moves down by as much, without the images the hedge lists.
 
 Without the hedge a query whose class the retriever gets wrong has no positive at all, so recall@K
@@ -33,6 +35,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from irgen_jax.config_lib import MAX_PREFIX_CLASS_ENTRIES
 
 
 class Hedge(NamedTuple):
@@ -60,28 +64,37 @@ class Hedge(NamedTuple):
             "hedge_beam_size": self.beam_size}
 
 
-def first_token_groups(codes: np.ndarray, labels: np.ndarray, num_tokens: int) -> np.ndarray:
-  """int32 [L]: the majority label of the database images whose identifier starts with each token
-  (ties to the smaller label); -1 for a token no labeled image starts with. ``codes`` int [N, M],
-  ``labels`` int [N] (-1 = unknown, ignored)."""
+def prefix_groups(codes: np.ndarray, labels: np.ndarray, num_tokens: int, depth: int = 1) -> tuple:
+  """The class of every prefix of 1..``depth`` tokens: a tuple of ``depth`` int32 tables, the t-th of
+  shape [L] * (t + 1) (``beam_search.PrefixClasses``), each entry the majority label of the database
+  images whose identifier starts with that prefix (ties to the smaller label), -1 for a prefix no
+  labeled image starts with. ``codes`` int [N, M], ``labels`` int [N] (-1 = unknown, ignored)."""
   codes, labels = np.asarray(codes), np.asarray(labels)
+  if not 1 <= depth <= codes.shape[1] or num_tokens ** depth > MAX_PREFIX_CLASS_ENTRIES:
+    raise ValueError(f"prefix classes need 1 <= depth <= M={codes.shape[1]} and L^depth <= "
+                     f"{MAX_PREFIX_CLASS_ENTRIES}; got depth={depth}, L={num_tokens}.")
   keep = labels >= 0
-  out = np.full(num_tokens, -1, np.int32)
-  if not keep.any():
-    return out
-  first, lab = codes[keep, 0].astype(np.int64), labels[keep].astype(np.int64)
-  counts = np.zeros((num_tokens, int(lab.max()) + 1), np.int64)
-  np.add.at(counts, (first, lab), 1)
-  used = counts.sum(1) > 0
-  out[used] = counts[used].argmax(1)
-  return out
+  codes, lab = codes[keep].astype(np.int64), labels[keep].astype(np.int64)
+  tables = []
+  for d in range(1, depth + 1):
+    size = num_tokens ** d
+    out = np.full(size, -1, np.int32)
+    if len(lab):
+      key = np.ravel_multi_index(tuple(codes[:, :d].T), (num_tokens,) * d)
+      used, key = np.unique(key, return_inverse=True)     # counts over used prefixes only: O(N + U*C)
+      counts = np.zeros((len(used), int(lab.max()) + 1), np.int64)
+      np.add.at(counts, (key.reshape(-1), lab), 1)
+      out[used] = counts.argmax(1)
+    tables.append(out.reshape((num_tokens,) * d))
+  return tuple(tables)
 
 
-def index_groups(index, labels: np.ndarray) -> tuple[np.ndarray, int]:
-  """(groups int32 [L], G) of an ``Index`` whose images carry ``labels`` (int [N], -1 unknown): every
-  first token's majority label, and G = the largest label + 1 (0 when no image is labeled)."""
+def index_groups(index, labels: np.ndarray, depth: int = 1) -> tuple[tuple, int]:
+  """(``prefix_groups`` tables, G) of an ``Index`` whose images carry ``labels`` (int [N], -1 unknown):
+  every prefix's majority label to ``depth`` tokens, and G = the largest label + 1 (0 when no image
+  is labeled)."""
   labels = np.asarray(labels)
-  return (first_token_groups(index.codes(), labels, index.num_tokens),
+  return (prefix_groups(index.codes(), labels, index.num_tokens, depth),
           int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0)
 
 

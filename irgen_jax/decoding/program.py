@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from irgen_jax import inference, parallel
 from irgen_jax.data import registry
@@ -99,7 +98,7 @@ class Found(NamedTuple):
   pruned_bound float32 [Q]: the main search's bound (``beam_search.SearchResult``); a list whose K-th
     score is above it is the exact top K (``beam_search.certified``), for an unhedged list;
   top_groups int32 [Q, 2], group_probs float32 [Q, 2]: the retriever's two likeliest groups (classes,
-    ``hedge.first_token_groups``) and their posteriors, when the program was given groups (else -1, 0);
+    ``hedge.prefix_groups``) and their posteriors, when the program was given groups (else -1, 0);
   hedged bool [Q]: whose list holds hedge slots.
   """
   image_ids: jax.Array
@@ -113,13 +112,14 @@ class Found(NamedTuple):
 def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k: int,
                     loop: str = "auto", num_groups: int = 0, hedge: Hedge = Hedge(),
                     class_first: bool = False):
-  """Jitted ``(params, IndexArrays, images float32 [Q, S, S, 3], groups int32 [L] or None) -> Found``.
+  """Jitted ``(params, IndexArrays, images float32 [Q, S, S, 3], groups or None) -> Found``.
 
   ``loop``: unrolled or scanned levels (``beam_search.beam_search``). With ``num_groups`` > 0 the
-  program takes every first token's group (``hedge.first_token_groups``) and also returns the
-  retriever's group posterior; then (``decoding.hedge``) ``class_first`` restricts the search to the
-  first tokens of the likeliest group, and ``hedge`` gives a few places to the runner-up's. The encoder
-  runs once: every search starts from its tokens."""
+  program takes the groups (classes) of the index's prefixes, D tables of shapes [L], [L, L], ...
+  (``hedge.prefix_groups``), and also returns the retriever's group posterior; then
+  (``decoding.hedge``) ``class_first`` restricts the search to the identifiers whose first D prefixes
+  have the likeliest group, and ``hedge`` gives a few places to the runner-up's. The encoder runs once:
+  every search starts from its tokens."""
   if (hedge.enabled or class_first) and num_groups < 2:
     raise ValueError(f"a hedged or class-first search needs at least 2 groups (classes); got "
                      f"num_groups={num_groups}.")
@@ -136,23 +136,29 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
       # the search's own, which XLA computes once (compiled FLOPs: +0.02% on runlocal).
       root, _ = fns.step(params, fns.init(params, tokens), fns.init_cache(q, 1),
                          jnp.zeros((q, 1), jnp.int32), 0)
-      posterior = hedge_lib.group_posterior(root[:, 0], groups, num_groups)
+      posterior = hedge_lib.group_posterior(root[:, 0], groups[0], num_groups)
       posterior = jnp.pad(posterior, ((0, 0), (0, max(0, 2 - num_groups))))  # one group: a 0 runner-up
       probs, top = jax.lax.top_k(posterior, 2)
     res = beam_search.beam_search(fns, params, arrays, tokens, beam_size=beam_size, top_k=top_k,
                                   loop=loop,
-                                  root_mask=(groups[None, :] == top[:, :1]) if class_first else None)
+                                  classes=beam_search.PrefixClasses(groups, top[:, 0]) if class_first
+                                  else None)
     ids, scores = res.image_ids, res.scores
     hedged = jnp.zeros((q,), bool)
     if hedge.enabled:
       extra = beam_search.beam_search(fns, params, arrays, tokens, beam_size=hedge.beam_size,
                                       top_k=hedge.slots, loop=loop,
-                                      root_mask=groups[None, :] == top[:, 1:2])
+                                      classes=beam_search.PrefixClasses(groups, top[:, 1]))
       hedged = probs[:, 1] >= hedge.threshold
       ids, scores = hedge_lib.merge(ids, scores, extra.image_ids, extra.scores, hedged, hedge.at)
       hedged = hedged & (extra.image_ids[:, 0] >= 0)
     return Found(ids, scores, res.pruned_bound, top.astype(jnp.int32), probs, hedged)
   return search
+
+
+def class_levels(c: ml_collections.ConfigDict) -> int:
+  """D, the levels (prefixes of 1..D tokens) a class-first or hedged search keeps within its class."""
+  return int(c.search.get("class_levels", 1))
 
 
 def list_policy(c: ml_collections.ConfigDict, num_groups: int, top_k: int,
@@ -171,11 +177,11 @@ class SearchProgram:
 
   def __init__(self, c: ml_collections.ConfigDict, model: Retriever, params: Any,
                index: Index | IndexArrays, *, mesh, beam_size: int | tuple[int, ...] | None = None,
-               top_k: int | None = None, groups: np.ndarray | None = None, num_groups: int = 0,
+               top_k: int | None = None, groups: tuple | None = None, num_groups: int = 0,
                hedge: Hedge | None = None):
     """``beam_size``: B, or one width per level (``beam_search.beam_widths``); default: the
-    evaluate stage's (``evaluation_beams``). ``top_k``: default ``list_length``. ``groups`` (int32 [L],
-    ``hedge.first_token_groups``) and ``num_groups``: the classes first tokens stand for, for the
+    evaluate stage's (``evaluation_beams``). ``top_k``: default ``list_length``. ``groups`` (D int32 tables
+    [L], [L, L], ..., ``hedge.prefix_groups``) and ``num_groups``: the classes prefixes stand for, for the
     retriever's class posterior and the hedge; ``hedge``: default the config's ``search.hedge``
     (only with groups)."""
     self.config, self.model, self.mesh = c, model, mesh
@@ -185,13 +191,15 @@ class SearchProgram:
     self.top_k = int(top_k or list_length(c, num_images))
     self.groups = groups
     self.num_groups = int(num_groups) if groups is not None else 0
+    self.class_levels = len(groups) if self.num_groups else 0
     self.class_first, self.hedge = list_policy(c, self.num_groups, self.top_k, hedge)
     self.params = parallel.replicate(params, mesh)
     self.arrays = parallel.replicate(self.arrays, mesh)
     fn = search_function(model, beam_size=self.beam_size, top_k=self.top_k,
                          loop=c.search.get("loop", "auto"), num_groups=self.num_groups, hedge=self.hedge,
                          class_first=self.class_first)
-    extra = (parallel.replicate(jnp.asarray(groups, jnp.int32), mesh),) if self.num_groups else ()
+    extra = ((parallel.replicate(tuple(jnp.asarray(g, jnp.int32) for g in groups), mesh),)
+             if self.num_groups else ())
     self._search = lambda images: fn(self.params, self.arrays, images, *extra)
 
   def map(self, fn, source, *, warm_up: bool = False, description: str = ""):
@@ -232,7 +240,8 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   # As the evaluate stage runs it: with the first tokens' classes (the class posterior, the hedge).
   top_k, num_groups = list_length(c, num_images), registry.num_classes(c.data)
   class_first, hedge = list_policy(c, num_groups, top_k)
-  groups = jax.ShapeDtypeStruct((c.ids.codebook_size,), jnp.int32, sharding=rep)
+  groups = tuple(jax.ShapeDtypeStruct((c.ids.codebook_size,) * (t + 1), jnp.int32, sharding=rep)
+                 for t in range(class_levels(c)))
   fn = search_function(model, beam_size=evaluation_beams(c, num_images), top_k=top_k,
                        loop=c.search.get("loop", "auto"), num_groups=num_groups, hedge=hedge,
                        class_first=class_first)

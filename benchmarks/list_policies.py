@@ -1,0 +1,113 @@
+"""IRGen's list policies side by side on one finished run: the same trained retriever and index, searched
+with each policy (``decoding/hedge.py``), measured with the evaluate stage's program and metrics.
+
+  .venv/bin/python benchmarks/list_policies.py --workdir=W [--data_dir=D] [--policies=a,b,...]
+                                               [--threshold=T ...] [--json=PATH]
+
+Training fixes the model; how the list spends its places is a search-time choice, so every policy is
+compared on one training (a seed sweep trains once per seed, this script then searches each). Policies:
+
+  plain            the paper's beam (search.class_first=False, no hedge)
+  class_first      within the likeliest class's first tokens (class_levels=1)
+  class_first2     within its prefixes to two tokens (class_levels=2)
+  hedge            the plain beam hedged (search.hedge at each --threshold)
+  class_first+hedge, class_first2+hedge   both
+
+The hedge's other settings (slots, at, beam_size) are the run's config's (slots 1 where it has none).
+Printed per policy (IRGen, %) beside the run's linear scan (report/metrics.json): P@1/10/30, R@1/10/30,
+MAP@map_at, the share of queries hedged, and the differences from the scan in points. Searches at the
+run's beams (``program.evaluation_beams``) and list length, so ``class_first+hedge`` at the run's own
+threshold reproduces the run's IRGen row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from irgen_jax import files, parallel  # noqa: E402
+from irgen_jax.decoding import hedge as hedge_lib  # noqa: E402
+from irgen_jax.decoding.program import SearchProgram  # noqa: E402
+from irgen_jax.evaluators import metrics  # noqa: E402
+from irgen_jax.workdir import REPORT_METRICS, IndexedImages, Workdir  # noqa: E402
+
+POLICIES = ("plain", "class_first", "class_first2", "hedge", "class_first+hedge", "class_first2+hedge")
+KS = (1, 10, 30)
+
+
+def policy_config(c, name: str, threshold: float):
+  """(config, hedge) of policy ``name`` over the run's config ``c``."""
+  c = c.copy_and_resolve_references()
+  c.search.class_first = name.startswith("class_first")
+  c.search.class_levels = 2 if name.startswith("class_first2") else 1
+  h = hedge_lib.Hedge.from_config(c.search)
+  hedge = (hedge_lib.Hedge(max(h.slots, 1), h.at, threshold, h.beam_size) if name.endswith("hedge")
+           else hedge_lib.Hedge())
+  return c, hedge
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="a finished run (retriever trained, index built)")
+  p.add_argument("--data_dir", default=None, help="the run's data.data_dir, if it moved")
+  p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated, from {POLICIES}")
+  p.add_argument("--threshold", type=float, nargs="+", default=None,
+                 help="hedge thresholds to try (default: the run's search.hedge.threshold)")
+  p.add_argument("--json", default=None, help="write the figures here")
+  a = p.parse_args(argv)
+  names = [n for n in a.policies.split(",") if n]
+  unknown = sorted(set(names) - set(POLICIES))
+  if unknown:
+    p.error(f"--policies: unknown {unknown}; expected names from {POLICIES}")
+
+  wd = Workdir(a.workdir)
+  c = wd.load_config()
+  if a.data_dir:
+    c.data.data_dir = a.data_dir
+  indexed = IndexedImages.open(wd, c)
+  model, params = wd.load_retriever(c)
+  labels, queries = indexed.labels(), indexed.dataset.query
+  q_labels = indexed.dataset.labels("query")
+  mesh = parallel.make_mesh()
+  thresholds = a.threshold or [float(c.search.hedge.threshold)]
+  map_at = int(c.eval.map_at)
+  tables, num_groups = hedge_lib.index_groups(indexed.index, labels, 2)
+
+  def row(values):
+    return {**{f"P@{k}": values[f"precision@{k}"] for k in KS},
+            **{f"R@{k}": values[f"recall@{k}"] for k in KS}, f"MAP@{map_at}": values[f"map@{map_at}"]}
+
+  scan = None
+  if os.path.exists(wd.path(REPORT_METRICS)):
+    scan = row(files.read_json(wd.path(REPORT_METRICS))["methods"]["linear_scan"])
+  out = {"workdir": a.workdir, "linear_scan": scan, "policies": {}}
+  columns = [f"P@{k}" for k in KS] + [f"R@{k}" for k in KS] + [f"MAP@{map_at}", "hedged"]
+  print(f"{'policy':<28}" + "".join(f"{k:>9}" for k in columns) + "   P@10 - scan   R@10 - scan")
+  for name in names:
+    for threshold in (thresholds if name.endswith("hedge") else [None]):
+      pc, hedge = policy_config(c, name, threshold or 0.0)
+      levels = int(pc.search.class_levels)
+      program = SearchProgram(pc, model, params, indexed.index, mesh=mesh, groups=tables[:levels],
+                              num_groups=num_groups, hedge=hedge)
+      found, seconds = program.run(queries, warm_up=True)
+      values = row(metrics.evaluate(found.image_ids, q_labels, labels, KS, map_at=map_at))
+      key = name if threshold is None else f"{name}@{threshold:g}"
+      hedged = float(np.asarray(found.hedged).mean())
+      out["policies"][key] = {**values, "hedged": hedged, "search_s": seconds}
+      diff = "".join(f"   {100 * (values[k] - scan[k]):+11.2f}" for k in ("P@10", "R@10")) if scan else ""
+      print(f"{key:<28}" + "".join(f"{100 * v:9.2f}" for v in values.values()) + f"{100 * hedged:9.1f}"
+            + diff, flush=True)
+  if scan:
+    print(f"{'linear scan (the run)':<28}" + "".join(f"{100 * v:9.2f}" for v in scan.values()))
+  if a.json:
+    files.write_json(a.json, out)
+  return out
+
+
+if __name__ == "__main__":
+  main()
