@@ -384,14 +384,15 @@ def test_search_program_database_size_and_lowering_on_cpu():
   assert name == "beam_search"
   q, s = config.search.query_batch_size, config.data.image_size
   assert args[2].shape == (q, s, s, 3)
-  l = config.ids.codebook_size
-  assert [g.shape for g in args[3]] == [(l,)]               # the first tokens' classes
+  l, levels = config.ids.codebook_size, config.search.class_levels
+  # The classes of the prefixes to class_levels tokens (the config's two, then one).
+  assert levels == 2 and [g.shape for g in args[3]] == [(l,), (l, l)]
   out = jax.eval_shape(fn, *args)
   # K = max(ks, map_at) = 100 <= N; then the two likeliest classes, their posteriors, hedged or not.
   assert [x.shape for x in out] == [(q, 100), (q, 100), (q,), (q, 2), (q, 2), (q,)]
-  config.search.class_levels = 2                             # and the two-token prefixes' too
+  config.search.class_levels = 1
   (_, (fn, args)), = program.aot_program(config, mesh).items()
-  assert [g.shape for g in args[3]] == [(l,), (l, l)]
+  assert [g.shape for g in args[3]] == [(l,)]
   assert [x.shape for x in jax.eval_shape(fn, *args)] == [x.shape for x in out]
 
 

@@ -126,8 +126,9 @@ def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
   # The Fashion default's list policy, named with the columns it produced.
   assert c.search.class_first and c.search.hedge.slots == 1
   info = metrics["method_info"]["irgen"]["settings"]
-  assert info["class_first"] and info["hedge_slots"] == 1
+  assert info["class_first"] and info["hedge_slots"] == 1 and info["class_levels"] == 2
   assert "irgen searches class first" in md and "place 10 holds that class's best images" in md
+  assert "within the prefixes to 2 tokens (search.class_levels) of the class" in md
   assert 0.0 <= ret["hedged"] <= 1.0
   assert "beams per level [8, 8, 100, 100]" in md
   with open(os.path.join(workdir, "tokenizer", "stats.json")) as f:

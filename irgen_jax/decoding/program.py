@@ -237,7 +237,7 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   arrays = abstract_arrays(num_images, c.ids.length, c.ids.codebook_size, rep)
   q, s = inference.round_batch(c.search.query_batch_size, mesh), c.data.image_size
   images = jax.ShapeDtypeStruct((q, s, s, 3), jnp.float32, sharding=parallel.batch_sharded(mesh))
-  # As the evaluate stage runs it: with the first tokens' classes (the class posterior, the hedge).
+  # As the evaluate stage runs it: with the prefixes' classes (the class posterior, class first, the hedge).
   top_k, num_groups = list_length(c, num_images), registry.num_classes(c.data)
   class_first, hedge = list_policy(c, num_groups, top_k)
   groups = tuple(jax.ShapeDtypeStruct((c.ids.codebook_size,) * (t + 1), jnp.int32, sharding=rep)
