@@ -62,8 +62,10 @@ def main(argv=None) -> dict:
   a = p.parse_args(argv)
   names = [n for n in a.policies.split(",") if n]
   unknown = sorted(set(names) - set(POLICIES))
-  if unknown:
-    p.error(f"--policies: unknown {unknown}; expected names from {POLICIES}")
+  if unknown or not names:
+    p.error(f"--policies: unknown {unknown or names}; expected names from {POLICIES}")
+  if a.threshold and not all(0 < t <= 1 for t in a.threshold):
+    p.error(f"--threshold {a.threshold}: expected posteriors in (0, 1]")
 
   wd = Workdir(a.workdir)
   c = wd.load_config()
@@ -76,7 +78,8 @@ def main(argv=None) -> dict:
   mesh = parallel.make_mesh()
   thresholds = a.threshold or [float(c.search.hedge.threshold)]
   map_at = int(c.eval.map_at)
-  tables, num_groups = hedge_lib.index_groups(indexed.index, labels, 2)
+  levels_needed = 2 if any(n.startswith("class_first2") for n in names) else 1
+  tables, num_groups = hedge_lib.index_groups(indexed.index, labels, levels_needed)
 
   def row(values):
     return {**{f"P@{k}": values[f"precision@{k}"] for k in KS},

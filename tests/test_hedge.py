@@ -178,3 +178,31 @@ def test_class_levels_are_validated(levels, codebook, needle):
   c.search.class_levels, c.ids.codebook_size = levels, codebook
   with pytest.raises(config_lib.ConfigError, match=f"search.class_levels={levels}.*{re.escape(needle)}"):
     config_lib.validate(c, num_devices=1)
+
+
+def test_the_list_policy_tool_reproduces_the_evaluate_stage(fashion_runlocal_workdir, tmp_path):
+  """benchmarks/list_policies.py searches a finished run with each policy through the evaluate stage's
+  program and metrics: the run's own policy (the runlocal config's: class first at two levels, the
+  hedge at 0.2) gives its report's IRGen figures exactly, and another policy other lists."""
+  import importlib.util
+  import json
+  import os
+  workdir, data_dir = fashion_runlocal_workdir
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                      "list_policies.py")
+  spec = importlib.util.spec_from_file_location("list_policies", path)
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  out = tool.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
+                   "--policies=class_first2+hedge,plain", "--threshold", "0.2",
+                   f"--json={tmp_path / 'p.json'}"])
+  with open(workdir / "report" / "metrics.json") as f:
+    irgen = json.load(f)["methods"]["irgen"]
+  got = out["policies"]["class_first2+hedge@0.2"]
+  for k in tool.KS:
+    assert got[f"P@{k}"] == irgen[f"precision@{k}"] and got[f"R@{k}"] == irgen[f"recall@{k}"]
+  assert got["MAP@100"] == irgen["map@100"]
+  assert out["policies"]["plain"]["hedged"] == 0.0
+  assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(out))
+  with pytest.raises(SystemExit):
+    tool.main([f"--workdir={workdir}", "--policies=nope"])
