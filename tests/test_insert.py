@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from irgen_jax import files as files_lib
 from irgen_jax import insert, search, stages
 from irgen_jax.data import registry
 from irgen_jax.decoding.index import Index
-from irgen_jax.workdir import IndexedImages, Workdir, WorkdirError
+from irgen_jax.workdir import CONFIG, IndexedImages, Workdir, WorkdirError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,12 +77,10 @@ def test_insert_folder_is_searchable_at_once(fashion_runlocal_workdir, tmp_path)
   # with as many beams as identifiers the plain beam search scores every identifier. (The run's
   # class-first policy would score only the likeliest class's, which a runlocal model often gets
   # wrong: this check searches the run with the plain beam.)
-  config_path = os.path.join(workdir, "config.json")
-  with open(config_path) as f:
-    saved = json.load(f)
+  config_path = Workdir(workdir).path(CONFIG)
+  saved = files_lib.read_json(config_path)
   saved["search"].update(class_first=False, hedge=dict(saved["search"]["hedge"], slots=0))
-  with open(config_path, "w") as f:
-    json.dump(saved, f)
+  files_lib.write_json(config_path, saved)
   query = [p for p in twins if p.endswith("a.png")][0]
   new_id = [j for j, old in twin_of.items() if old == twins[query]][0]
   out = search.search_images(workdir, [query], k=516, beam_size=index.num_identifiers,
