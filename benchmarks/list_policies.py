@@ -78,8 +78,6 @@ def main(argv=None) -> dict:
   mesh = parallel.make_mesh()
   thresholds = a.threshold or [float(c.search.hedge.threshold)]
   map_at = int(c.eval.map_at)
-  levels_needed = 2 if any(n.startswith("class_first2") for n in names) else 1
-  tables, num_groups = hedge_lib.index_groups(indexed.index, labels, levels_needed)
 
   def row(values):
     return {**{f"P@{k}": values[f"precision@{k}"] for k in KS},
@@ -94,9 +92,7 @@ def main(argv=None) -> dict:
   for name in names:
     for threshold in (thresholds if name.endswith("hedge") else [None]):
       pc, hedge = policy_config(c, name, threshold or 0.0)
-      levels = int(pc.search.class_levels)
-      program = SearchProgram(pc, model, params, indexed.index, mesh=mesh, groups=tables[:levels],
-                              num_groups=num_groups, hedge=hedge)
+      program = SearchProgram(pc, model, params, indexed.index, mesh=mesh, labels=labels, hedge=hedge)
       found, seconds = program.run(queries, warm_up=True)
       values = row(metrics.evaluate(found.image_ids, q_labels, labels, KS, map_at=map_at))
       key = name if threshold is None else f"{name}@{threshold:g}"

@@ -269,9 +269,12 @@ def base_config() -> ml_collections.ConfigDict:
   # mass whose mass sits on fewer first tokens (decoding/hedge.py).
   # class_levels: how many levels both restrictions hold: 2 = also every two-token prefix's class (the
   # majority label under it), which skips the other classes' images that share a first token.
+  # xla_cpu_options: XLA:CPU options (DebugOptions fields, "xla_cpu_..." -> value) the search program
+  # compiles with where it runs on CPUs (ignored elsewhere): a per-model tuning knob, e.g. the Fashion
+  # default's (configs/fashion_mnist.py). They change float rounding, not the algorithm.
   c.search = dict(beam_size=30, query_batch_size=64, widen_to_list=True, loop="auto",
                   class_first=False, class_levels=1,
-                  hedge=dict(slots=0, at=10, threshold=0.2, beam_size=10))
+                  hedge=dict(slots=0, at=10, threshold=0.2, beam_size=10), xla_cpu_options={})
   c.eval = dict(
       ks=(1, 2, 4, 8),
       map_at=100,
@@ -427,6 +430,10 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   need(c.ids.codebook_size ** c.search.get("class_levels", 1) <= MAX_PREFIX_CLASS_ENTRIES,
        "search.class_levels", c.search.get("class_levels"),
        f"such that ids.codebook_size^class_levels <= {MAX_PREFIX_CLASS_ENTRIES} (a prefix-class table)")
+  for key, value in (c.search.get("xla_cpu_options") or {}).items():
+    need(key.startswith("xla_cpu_") and isinstance(value, (str, bool, int, float)),
+         f"search.xla_cpu_options.{key}", value, "an XLA:CPU option (a name xla_cpu_...) with a string, "
+         "bool or number value")
   h = c.search.get("hedge") or ml_collections.ConfigDict(dict(slots=0))  # configs from before it
   need(h.slots >= 0, "search.hedge.slots", h.slots, ">= 0 (0 = no hedge)")
   if h.slots:

@@ -36,7 +36,7 @@ import numpy as np
 from irgen_jax import failpoints, features, files, identifiers, inference, parallel
 from irgen_jax.decoding import beam_search
 from irgen_jax.decoding import hedge as hedge_lib
-from irgen_jax.decoding.program import SearchProgram, class_levels, list_length
+from irgen_jax.decoding.program import SearchProgram, list_length
 from irgen_jax.evaluators import baselines, metrics, report
 from irgen_jax.evaluators.results import MethodResult
 from irgen_jax.models import build, vit
@@ -53,9 +53,8 @@ def _beams(beam_size) -> list[int]:
 def _irgen(c, wd: Workdir, mesh, ds, indexed: IndexedImages, top_k) -> tuple[MethodResult, dict]:
   model, params = wd.load_retriever(c)
   index = indexed.index
-  groups, num_groups = hedge_lib.index_groups(index, indexed.labels(), class_levels(c))
-  program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k, groups=groups,
-                          num_groups=num_groups)
+  # The classes always: the diagnostics report the retriever's class decision whatever the policy.
+  program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k, labels=indexed.labels())
   found, total_s = program.run(ds.query, warm_up=True, description="beam search")
   encode_s = program.encode_seconds(ds.query)
   beams = _beams(program.beam_size)

@@ -29,8 +29,7 @@ import numpy as np
 from irgen_jax import cli, files, parallel
 from irgen_jax.data import images as images_lib
 from irgen_jax.data.records import ArraySource
-from irgen_jax.decoding import hedge as hedge_lib
-from irgen_jax.decoding.program import SearchProgram, class_levels
+from irgen_jax.decoding.program import SearchProgram, uses_classes
 from irgen_jax.errors import UserError
 from irgen_jax.evaluators import gallery
 from irgen_jax.workdir import SEARCH_HTML, IndexedImages, Workdir
@@ -109,10 +108,10 @@ def search_images(workdir: str, paths: Sequence[str], *, k: int = 10, html_path:
   indexed = IndexedImages.open(wd, c, require_data=False)
   model, params = wd.load_retriever(c)
   beams = int(beam_size or max(c.search.beam_size, k))
-  # The run's list policy: its hedge (search.hedge) needs the classes of the database's first tokens.
-  groups, num_groups = hedge_lib.index_groups(indexed.index, indexed.labels(), class_levels(c))
+  # The run's list policy; class first and the hedge need the classes of the database's prefixes.
+  labels = indexed.labels() if uses_classes(c) else None
   program = SearchProgram(c, model, params, indexed.index, mesh=mesh or parallel.make_mesh(),
-                          beam_size=beams, top_k=int(k), groups=groups, num_groups=num_groups)
+                          beam_size=beams, top_k=int(k), labels=labels)
   found, _ = program.run(ArraySource(pixels, np.full(len(pixels), -1), name="queries"))
   ids, scores = found.image_ids, found.scores
   results = []

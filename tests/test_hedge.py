@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from irgen_jax import config_lib
 from irgen_jax.decoding import hedge
-from irgen_jax.decoding.program import SearchProgram, search_function
+from irgen_jax.decoding.program import SearchProgram, search_function, uses_classes
 from irgen_jax.workdir import IndexedImages, Workdir
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -169,6 +169,37 @@ def test_program_drops_the_hedge_where_it_cannot_apply(fashion_runlocal_workdir)
                        hedge=rule).hedge == rule
   with pytest.raises(ValueError, match="at least 2 groups"):
     search_function(model, beam_size=4, top_k=20, num_groups=1, hedge=rule)
+
+
+def test_program_builds_its_classes_from_the_labels(fashion_runlocal_workdir):
+  """``labels=`` gives the tables ``index_groups`` builds to the config's class_levels; a plain-beam
+  config needs no classes (the search command then skips the posterior's root step)."""
+  workdir, _ = fashion_runlocal_workdir
+  wd = Workdir(str(workdir))
+  c = wd.load_config()
+  model, params = wd.load_retriever(c)
+  indexed = IndexedImages.open(wd, c, require_data=False)
+  labels = indexed.labels()
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  for levels in (1, 2):
+    c.search.class_levels = levels
+    program = SearchProgram(c, model, params, indexed.index, mesh=mesh, top_k=20, labels=labels)
+    tables, num_groups = hedge.index_groups(indexed.index, labels, levels)
+    assert program.class_levels == levels and program.num_groups == num_groups == 10
+    for built, expected in zip(program.groups, tables, strict=True):
+      np.testing.assert_array_equal(built, expected)
+  with pytest.raises(ValueError, match="not both"):
+    SearchProgram(c, model, params, indexed.index, mesh=mesh, labels=labels, groups=tables,
+                  num_groups=num_groups)
+  with pytest.raises(ValueError, match="labels need an Index"):
+    SearchProgram(c, model, params, indexed.index.device_arrays(), mesh=mesh, labels=labels)
+  c.search.class_first, c.search.hedge.slots = False, 0
+  assert not uses_classes(c)
+  assert SearchProgram(c, model, params, indexed.index, mesh=mesh, top_k=20).num_groups == 0
+  c.search.hedge.slots = 1
+  assert uses_classes(c)
+  c.search.class_first, c.search.hedge.slots = True, 0
+  assert uses_classes(c)
 
 
 @pytest.mark.parametrize("levels,codebook,needle", [(3, 256, "1 or 2"), (0, 256, "1 or 2"),

@@ -103,3 +103,35 @@ def test_command_line(workdir_and_images, tmp_path):
                         cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert paths[0] in proc.stdout and "top 3" in proc.stdout and html_path.exists()
+
+
+def test_the_search_program_compiles_with_the_configs_xla_cpu_options(fashion_runlocal_workdir):
+  """``search.xla_cpu_options`` reach XLA on a CPU mesh (a bad value fails the compile), change no
+  list, and are validated before compute."""
+  import jax
+  from irgen_jax import config_lib
+  from irgen_jax.decoding.program import SearchProgram, cpu_compiler_options
+  workdir, data_dir = fashion_runlocal_workdir
+  wd = Workdir(str(workdir))
+  c = wd.load_config()
+  c.data.data_dir = str(data_dir)
+  indexed = IndexedImages.open(wd, c)
+  model, params = wd.load_retriever(c)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  queries = indexed.dataset.query
+  key = "xla_cpu_experimental_ynn_fusion_type"
+
+  def found(value):
+    c.search.xla_cpu_options = {key: value} if value else {}
+    return SearchProgram(c, model, params, indexed.index, mesh=mesh, beam_size=4, top_k=8).run(queries)[0]
+  plain = found(None)
+  assert cpu_compiler_options(c, mesh) is None                       # none set: XLA's defaults
+  tuned = found("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+  assert cpu_compiler_options(c, mesh) == {key: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  np.testing.assert_array_equal(tuned.image_ids, plain.image_ids)
+  np.testing.assert_allclose(tuned.scores, plain.scores, rtol=1e-4, atol=1e-4)
+  with pytest.raises(Exception, match="not a valid enum value"):
+    found("NOT_A_FUSION_TYPE")
+  c.search.xla_cpu_options = {"xla_gpu_autotune_level": 0}
+  with pytest.raises(config_lib.ConfigError, match="search.xla_cpu_options.xla_gpu_autotune_level=0"):
+    config_lib.validate(c, num_devices=1)

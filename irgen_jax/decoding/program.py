@@ -111,8 +111,9 @@ class Found(NamedTuple):
 
 def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k: int,
                     loop: str = "auto", num_groups: int = 0, hedge: Hedge = Hedge(),
-                    class_first: bool = False):
-  """Jitted ``(params, IndexArrays, images float32 [Q, S, S, 3], groups or None) -> Found``.
+                    class_first: bool = False, compiler_options: dict[str, Any] | None = None):
+  """Jitted ``(params, IndexArrays, images float32 [Q, S, S, 3], groups or None) -> Found``, compiled
+  with XLA's ``compiler_options`` (``cpu_compiler_options``).
 
   ``loop``: unrolled or scanned levels (``beam_search.beam_search``). With ``num_groups`` > 0 the
   program takes the groups (classes) of the index's prefixes, D tables of shapes [L], [L, L], ...
@@ -125,7 +126,7 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
                      f"num_groups={num_groups}.")
   fns = retriever_decode_fns(model, from_tokens=True)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options or None)
   def search(params, arrays, images, groups=None):
     tokens = model.apply({"params": params}, images, method=Retriever.encode)
     q = images.shape[0]
@@ -161,6 +162,17 @@ def class_levels(c: ml_collections.ConfigDict) -> int:
   return int(c.search.get("class_levels", 1))
 
 
+def cpu_compiler_options(c: ml_collections.ConfigDict, mesh) -> dict[str, Any] | None:
+  """The config's ``search.xla_cpu_options`` where the mesh is of CPUs, else None (XLA's defaults)."""
+  options = dict(c.search.get("xla_cpu_options") or {})
+  return options if options and mesh.devices.flat[0].platform == "cpu" else None
+
+
+def uses_classes(c: ml_collections.ConfigDict) -> bool:
+  """Whether the config's list policy needs the database's classes: class first or a hedge."""
+  return bool(c.search.get("class_first", False)) or Hedge.from_config(c.search).enabled
+
+
 def list_policy(c: ml_collections.ConfigDict, num_groups: int, top_k: int,
                 hedge: Hedge | None = None) -> tuple[bool, Hedge]:
   """(class_first, hedge) a search applies: the config's (``search.class_first``, ``search.hedge``;
@@ -177,13 +189,22 @@ class SearchProgram:
 
   def __init__(self, c: ml_collections.ConfigDict, model: Retriever, params: Any,
                index: Index | IndexArrays, *, mesh, beam_size: int | tuple[int, ...] | None = None,
-               top_k: int | None = None, groups: tuple | None = None, num_groups: int = 0,
-               hedge: Hedge | None = None):
+               top_k: int | None = None, labels: Any = None, groups: tuple | None = None,
+               num_groups: int = 0, hedge: Hedge | None = None):
     """``beam_size``: B, or one width per level (``beam_search.beam_widths``); default: the
-    evaluate stage's (``evaluation_beams``). ``top_k``: default ``list_length``. ``groups`` (D int32 tables
-    [L], [L, L], ..., ``hedge.prefix_groups``) and ``num_groups``: the classes prefixes stand for, for the
-    retriever's class posterior and the hedge; ``hedge``: default the config's ``search.hedge``
-    (only with groups)."""
+    evaluate stage's (``evaluation_beams``). ``top_k``: default ``list_length``. The classes the
+    index's prefixes stand for, for the retriever's class posterior, class first and the hedge: from
+    ``labels`` (int [N], the database images' labels, -1 unknown; the prefixes to
+    ``search.class_levels`` tokens of an ``Index``), or as already built, ``groups`` (D int32 tables
+    [L], [L, L], ..., ``hedge.prefix_groups``) and ``num_groups``; neither: no classes (the plain
+    beam). ``hedge``: default the config's ``search.hedge`` (only with classes)."""
+    if labels is not None:
+      if groups is not None:
+        raise ValueError("SearchProgram: pass the database labels or the groups built from them, not both.")
+      if not isinstance(index, Index):
+        raise ValueError("SearchProgram: labels need an Index (the groups come from its codes), not "
+                         "IndexArrays.")
+      groups, num_groups = hedge_lib.index_groups(index, labels, class_levels(c))
     self.config, self.model, self.mesh = c, model, mesh
     self.arrays = index.device_arrays() if isinstance(index, Index) else index
     num_images = index.num_images if isinstance(index, Index) else int(self.arrays.image_ids.shape[0])
@@ -197,7 +218,7 @@ class SearchProgram:
     self.arrays = parallel.replicate(self.arrays, mesh)
     fn = search_function(model, beam_size=self.beam_size, top_k=self.top_k,
                          loop=c.search.get("loop", "auto"), num_groups=self.num_groups, hedge=self.hedge,
-                         class_first=self.class_first)
+                         class_first=self.class_first, compiler_options=cpu_compiler_options(c, mesh))
     extra = ((parallel.replicate(tuple(jnp.asarray(g, jnp.int32) for g in groups), mesh),)
              if self.num_groups else ())
     self._search = lambda images: fn(self.params, self.arrays, images, *extra)

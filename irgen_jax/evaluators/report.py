@@ -184,17 +184,18 @@ def results_markdown(*, dataset: str, num_database: int, num_queries: int, ks: S
   for n in names:
     st = methods[n].settings
     prefixes = ("first tokens" if st.get("class_levels", 1) == 1 else
-                f"prefixes to {st['class_levels']} tokens (search.class_levels)")
+                f"prefixes to {st['class_levels']} tokens")
     if st.get("class_first"):
-      out += ["", f"{n} searches class first (search.class_first): within the {prefixes} "
+      levels = " (search.class_levels)" if st.get("class_levels", 1) > 1 else ""
+      out += ["", f"{n} searches class first (search.class_first): within the {prefixes}{levels} "
               "of the class its retriever finds likeliest (the first-token distribution summed per "
               "class; a prefix's class is the majority label of the database images under it)."]
     if st.get("hedge_slots"):
       r, at = st["hedge_slots"], st["hedge_at"]
       places = f"place {at} holds" if r == 1 else f"places {at - r + 1}-{at} hold"
       out += ["", f"{n}'s lists are hedged (search.hedge): where the retriever's runner-up class has "
-              f"posterior >= {st['hedge_threshold']}, {places} that class's best images (a search of "
-              f"{st['hedge_beam_size']} beams within its {prefixes}) and the rest moves down: its "
+              f"posterior >= {st['hedge_threshold']}, {places} that class's best images, from a search of "
+              f"{st['hedge_beam_size']} beams within its {prefixes}, and the rest moves down: its "
               f"columns at K >= {at - r + 1} come from the hedged list."]
   short = [n for n in names if values[n]["num_retrieved"] < map_at]
   if short:
