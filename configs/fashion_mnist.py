@@ -50,8 +50,8 @@ def get_config(arg=None):
   c.search.hedge.update(slots=1, at=10, threshold=0.2, beam_size=10)
   # On CPUs, YNNPACK takes only the matmuls and XLA fuses the rest itself: YNNPACK's own fusions of this
   # width-128 decoder's LayerNorms into the matmul after each ran at 25-70 GFLOP/s against ~190 for a
-  # bare matmul. Search queries/s +11% under load to +21% quiet, the same top-10 lists on 1,024
-  # queries (benchmarks/search_options.py); no gain at the cpu and paper presets' widths (256, 768).
+  # bare matmul. Search queries/s +18% side by side, every metric of the run the same
+  # (benchmarks/search_options.py); no gain at the cpu and paper presets' widths (256, 768).
   c.search.xla_cpu_options = {
       "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
   c.eval.update(ks=(1, 2, 4, 8, 10, 20, 30), ivf_nlist=100)
