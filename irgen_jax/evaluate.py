@@ -60,7 +60,8 @@ def _irgen(c, wd: Workdir, mesh, ds, indexed: IndexedImages, top_k) -> tuple[Met
   beams = _beams(program.beam_size)
   diagnostics = {"beam": _beam_check(c, mesh, ds, indexed, model, params, program, found),
                  "retriever": {**_pair_accuracy(c, mesh, ds, indexed, model, params),
-                               **_class_accuracy(found, ds.labels("query"), program.hedge)}}
+                               **_class_accuracy(found, ds.labels("query"), program.hedge)},
+                 "lists": recurring_misses(found.image_ids, ds.labels("query"), indexed.labels())}
   stats_path = wd.path(TOKENIZER_STATS)
   build_s = files.read_json(stats_path).get("index_build_s") if os.path.exists(stats_path) else None
   settings = {"beam_size": c.search.beam_size}
@@ -91,6 +92,31 @@ def _class_accuracy(found, query_labels: np.ndarray, hedge: hedge_lib.Hedge) -> 
   if hedge.enabled:
     out["hedged"] = float(np.asarray(found.hedged).mean())
   return out
+
+
+def recurring_misses(image_ids: np.ndarray, query_labels: np.ndarray, labels: np.ndarray, k: int = 10,
+                     top: int = 3) -> dict[str, Any]:
+  """The images IRGen lists most often where they are not positives, in the top ``k``.
+
+  Within a class the retriever's lists are nearly the same for every query (its targets are uniform
+  over the class), so one non-positive near the top of a class's list costs that class's queries at
+  once (seen: one pullover under a two-token coat prefix was in the top 4 of 68% of the coat queries'
+  lists). ``wrong_places``: the share of the listed top-``k`` places that hold a non-positive;
+  ``images``: the ``top`` most frequent, each with its label, the share of all queries whose top ``k``
+  holds it as a non-positive, and its share of all non-positive places."""
+  ids = np.asarray(image_ids)[:, :k]
+  if not ids.size:
+    return {}
+  labels, query_labels = np.asarray(labels), np.asarray(query_labels)
+  listed = ids >= 0
+  wrong = listed & (labels[np.maximum(ids, 0)] != query_labels[:, None])
+  counts = np.bincount(ids[wrong], minlength=len(labels))
+  total = max(1, int(wrong.sum()))
+  images = [{"image": int(i), "label": int(labels[i]), "lists": float(counts[i] / len(ids)),
+             "of_wrong_places": float(counts[i] / total)}
+            for i in np.argsort(-counts, kind="stable")[:top] if counts[i]]
+  return {"k": int(ids.shape[1]), "wrong_places": float(wrong.sum() / max(1, listed.sum())),
+          "images": images}
 
 
 def _sample(c, ds) -> np.ndarray:

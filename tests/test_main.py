@@ -131,6 +131,10 @@ def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
   assert "within the prefixes to 2 tokens (search.class_levels) of the class" in md
   assert 0.0 <= ret["hedged"] <= 1.0
   assert "beams per level [8, 8, 100, 100]" in md
+  lists = diagnostics["lists"]   # runlocal's tiny model lists many non-positives
+  assert lists["k"] == 10 and 0.0 < lists["wrong_places"] <= 1.0 and len(lists["images"]) == 3
+  assert [m["lists"] for m in lists["images"]] == sorted((m["lists"] for m in lists["images"]), reverse=True)
+  assert f"**Lists**: {100 * lists['wrong_places']:.1f}% of IRGen's top-10 places hold non-positives" in md
   with open(os.path.join(workdir, "tokenizer", "stats.json")) as f:
     stats = json.load(f)
   assert 1 <= stats["num_identifiers"] <= c.data.max_database

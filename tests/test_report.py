@@ -328,3 +328,18 @@ def test_end_to_end_with_real_baselines(tmp_path):
   assert rep["methods"]["linear_scan_again"]["recall_vs_exact@30"] == 1.0
   assert sorted(os.listdir(tmp_path / "report")) == [
       "gallery.html", "metrics.json", "mrr.png", "pr_curve.png", "precision_at_k.png", "results.md"]
+
+
+def test_recurring_misses_count_the_non_positives_of_the_top_k():
+  from irgen_jax.evaluate import recurring_misses
+  labels = np.array([0, 0, 1, 1, 2])
+  ids = np.array([[0, 2, 4, -1],     # a label-0 query: images 2 and 4 are non-positives
+                  [2, 0, 1, 3],      # label 1: 0 and 1 (3 is past k)
+                  [1, 2, -1, -1]])   # label 0: 2
+  out = recurring_misses(ids, np.array([0, 1, 0]), labels, k=3, top=2)
+  assert out["k"] == 3 and out["wrong_places"] == 5 / 8
+  assert out["images"] == [{"image": 2, "label": 1, "lists": 2 / 3, "of_wrong_places": 0.4},
+                           {"image": 0, "label": 0, "lists": 1 / 3, "of_wrong_places": 0.2}]
+  assert recurring_misses(ids, np.array([0, 1, 0]), labels, k=1) == {   # every first image a positive
+      "k": 1, "wrong_places": 0.0, "images": []}
+  assert recurring_misses(np.zeros((0, 3), np.int64), np.zeros(0), labels) == {}

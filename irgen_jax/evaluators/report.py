@@ -258,6 +258,15 @@ def diagnostics_markdown(d: Mapping[str, Any], values: Mapping[str, Mapping[str,
   if "hedged" in ret:
     out += [f"**Hedge**: {_pct(ret['hedged'])}% of the lists hold images of the retriever's runner-up "
             "class (search.hedge).", ""]
+  lists = d.get("lists", {})
+  if lists.get("images"):
+    k = lists["k"]
+    names = "; ".join(f"image {m['image']} (label {m['label']}) in the top {k} of {_pct(m['lists'])}% of "
+                      f"the queries ({_pct(m['of_wrong_places'])}% of those places)" for m in lists["images"])
+    out += [f"**Lists**: {_pct(lists['wrong_places'])}% of IRGen's top-{k} places hold non-positives. "
+            f"Listed most often where they are not positives: {names}. Within a class the retriever's "
+            "lists are nearly the same for every query, so one such image near the top costs the "
+            "class's queries at once.", ""]
   if tok.get("levels"):
     out += [f"**Tokenizer identifiers**: {tok.get('num_identifiers')} distinct, at most "
             f"{tok.get('images_per_identifier_max')} images on one.", "",
