@@ -107,9 +107,9 @@ def recurring_misses(image_ids: np.ndarray, query_labels: np.ndarray, labels: np
   ids = np.asarray(image_ids)[:, :k]
   if not ids.size:
     return {}
-  labels, query_labels = np.asarray(labels), np.asarray(query_labels)
+  labels = np.asarray(labels)
   listed = ids >= 0
-  wrong = listed & (labels[np.maximum(ids, 0)] != query_labels[:, None])
+  wrong = listed & ~metrics.relevance(ids, query_labels, labels)
   counts = np.bincount(ids[wrong], minlength=len(labels))
   total = max(1, int(wrong.sum()))
   images = [{"image": int(i), "label": int(labels[i]), "lists": float(counts[i] / len(ids)),
