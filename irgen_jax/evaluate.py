@@ -52,16 +52,16 @@ def _beams(beam_size) -> list[int]:
 
 def _irgen(c, wd: Workdir, mesh, ds, indexed: IndexedImages, top_k) -> tuple[MethodResult, dict]:
   model, params = wd.load_retriever(c)
-  index = indexed.index
+  index, labels = indexed.index, indexed.labels()
   # The classes always: the diagnostics report the retriever's class decision whatever the policy.
-  program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k, labels=indexed.labels())
+  program = SearchProgram(c, model, params, index, mesh=mesh, top_k=top_k, labels=labels)
   found, total_s = program.run(ds.query, warm_up=True, description="beam search")
   encode_s = program.encode_seconds(ds.query)
   beams = _beams(program.beam_size)
   diagnostics = {"beam": _beam_check(c, mesh, ds, indexed, model, params, program, found),
                  "retriever": {**_pair_accuracy(c, mesh, ds, indexed, model, params),
                                **_class_accuracy(found, ds.labels("query"), program.hedge)},
-                 "lists": recurring_misses(found.image_ids, ds.labels("query"), indexed.labels())}
+                 "lists": recurring_misses(found.image_ids, ds.labels("query"), labels)}
   stats_path = wd.path(TOKENIZER_STATS)
   build_s = files.read_json(stats_path).get("index_build_s") if os.path.exists(stats_path) else None
   settings = {"beam_size": c.search.beam_size}
