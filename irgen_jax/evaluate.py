@@ -22,7 +22,6 @@ Failpoint: ``evaluate.searched`` after IRGen's search, before the baselines (and
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -37,11 +36,11 @@ from irgen_jax import failpoints, features, files, identifiers, inference, paral
 from irgen_jax.decoding import beam_search
 from irgen_jax.decoding import hedge as hedge_lib
 from irgen_jax.decoding.program import SearchProgram, list_length
-from irgen_jax.evaluators import baselines, metrics, report
+from irgen_jax.evaluators import baselines, metrics, plots, report
 from irgen_jax.evaluators.results import MethodResult
 from irgen_jax.models import build, vit
-from irgen_jax.workdir import (REPORT, RQVAE, RQVAE_RECONSTRUCTIONS, TOKENIZER_STATS, IndexedImages,
-                               Workdir)
+from irgen_jax.workdir import (REFITS, REPORT, RQVAE, RQVAE_RECONSTRUCTIONS, TOKENIZER_STATS,
+                               IndexedImages, Workdir)
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +272,35 @@ def _figures(c, wd: Workdir) -> dict[str, bytes]:
     return {RECONSTRUCTIONS_FIGURE: f.read()}
 
 
+# Each trained stage's curves in the report, the panels that tell its story (evaluators/plots.py).
+_CURVE_PANELS = {"tokenizer": plots.TOKENIZER_PANELS, "retriever": plots.RETRIEVER_PANELS}
+
+
+def _training_log(directory: str) -> list[dict[str, Any]]:
+  """A stage's logged training windows (``DIR/metrics.jsonl``); none where the stage was reused."""
+  path = os.path.join(directory, "metrics.jsonl")
+  return files.read_jsonl(path) if os.path.exists(path) else []
+
+
+def _training_curves(wd: Workdir) -> dict[str, tuple[str, bytes]]:
+  """``{stage: (file name, PNG)}``: each trained stage's curves, the tokenizer's codebook refits marked
+  (its losses jump at each: a user sees whether they settle before the next)."""
+  out = {}
+  for stage, panels in _CURVE_PANELS.items():
+    rows = _training_log(wd.path(stage))
+    if not rows:
+      continue
+    refits = ([r["step"] for r in files.read_jsonl(wd.path(REFITS))]
+              if stage == "tokenizer" and os.path.exists(wd.path(REFITS)) else [])
+    png = plots.training_curves_png({stage: rows}, panels=panels, refits={stage: refits},
+                                    title=f"The {stage}'s training")
+    out[stage] = (f"{stage}_curves.png", png)
+  return out
+
+
 def _training_speed(directory: str) -> dict[str, Any]:
   """``steps`` and ``steps_per_sec`` from a training log (``DIR/metrics.jsonl``), if it has any."""
-  path = os.path.join(directory, "metrics.jsonl")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    lines = [json.loads(line) for line in f if line.strip()]
+  lines = _training_log(directory)
   # The first logged window holds the compile; the rest is the training speed.
   speeds = [r["steps_per_sec"] for r in lines[1:] if "steps_per_sec" in r]
   if not speeds:
@@ -344,13 +365,17 @@ def run(c: ml_collections.ConfigDict, wd: Workdir, mesh) -> dict[str, Any]:
   out_dir = wd.path(REPORT)
   result = {}
   if jax.process_index() == 0:
+    timing, figures = _timing(wd, started), _figures(c, wd)
+    for stage, (name, png) in _training_curves(wd).items():
+      timing.setdefault(stage, {})["curves"] = name
+      figures[name] = png
     result = report.write_report(
         out_dir, dataset=c.data.name, ks=tuple(c.eval.ks), query_labels=ds.labels("query"),
         database_labels=database_labels, methods=methods,
         query_image=lambda i: ds.query[int(i)]["image"],
         database_image=lambda j: indexed.image_or_placeholder(int(j)),
         num_gallery_queries=c.eval.gallery_queries, seed=c.seed, map_at=c.eval.map_at,
-        diagnostics=diagnostics, timing=_timing(wd, started), figures=_figures(c, wd))
+        diagnostics=diagnostics, timing=timing, figures=figures)
   parallel.sync("report written")
   summary = {name: {k: v for k, v in m.items() if k.startswith(("precision@", "recall@"))}
              for name, m in result.get("methods", {}).items()}

@@ -78,6 +78,12 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.load(f)
 
 
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+  """The records of a JSON-lines file (a training log), blank lines skipped."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def remove_temporaries(directory: str) -> None:
   """Removes what killed writers left in ``directory`` (files with ``.tmp<pid>`` in their name)."""
   if not os.path.isdir(directory):

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "tokenizer", "retriever", "evaluate")
 BASELINES = ("linear_scan", "faiss_ivfpq", "scann")
 REPORT_FILES = ("metrics.json", "results.md", "precision_at_k.png", "pr_curve.png", "mrr.png",
-                "gallery.html")
+                "gallery.html", "tokenizer_curves.png", "retriever_curves.png")
 # Configs whose :runlocal variant runs here. The first of each group of variants (variant_groups) runs
 # end to end: imagenet2012's stand-in images are not square and outnumber data.max_database.
 OTHER_CONFIGS = ("imagenet2012", "inshop", "cub200", "cars196", "places365")
@@ -138,6 +138,10 @@ def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
   with open(os.path.join(workdir, "tokenizer", "stats.json")) as f:
     stats = json.load(f)
   assert 1 <= stats["num_identifiers"] <= c.data.max_database
+  # Each trained stage's curves, named by the timing and shown under Time.
+  for stage in ("tokenizer", "retriever"):
+    assert metrics["timing"][stage]["curves"] == f"{stage}_curves.png"
+    assert f"![The {stage}'s training curves]({stage}_curves.png)" in md
 
 
 def test_fashion_rerun_skips_finished_stages(fashion_runlocal_workdir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import html.parser
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from PIL import Image
 from irgen_jax.evaluators import baselines as B
 from irgen_jax.evaluators import gallery as G
 from irgen_jax.evaluators import metrics as M
+from irgen_jax.evaluators import plots
 from irgen_jax.evaluators import report as R
 from irgen_jax.evaluators.results import MethodResult
 
@@ -175,6 +177,24 @@ class _GalleryParser(html.parser.HTMLParser):
       self._row = data.strip()
       self.sections[-1][self._row] = []
       self._in_name = False
+
+
+def test_training_curves_leave_out_unlogged_panels_and_refuse_when_none_is_logged():
+  def size(png):
+    with Image.open(io.BytesIO(png)) as im:
+      assert im.format == "PNG" and len(np.unique(np.asarray(im.convert("L")))) > 10
+      return im.size
+
+  rows = [{"step": s, "loss": 10.0 / s, "ce_cls": 1.0 + 1.0 / s, "ce_rq": 9.0, "quant": 50.0 / s}
+          for s in range(10, 201, 10)]
+  four = size(plots.training_curves_png({"a": rows, "b": rows[:8]}, panels=plots.TOKENIZER_PANELS,
+                                        title="t", refits={"a": [50, 120]}))
+  # Two of the four keys logged: one row of two panels, the same width.
+  two = size(plots.training_curves_png({"a": [{k: r[k] for k in ("step", "loss", "quant")} for r in rows]},
+                                       panels=plots.TOKENIZER_PANELS, title="t"))
+  assert two[0] == four[0] and two[1] < 0.7 * four[1]
+  with pytest.raises(ValueError, match="none of the keys"):
+    plots.training_curves_png({"a": rows}, panels=plots.RETRIEVER_PANELS[1:], title="t")
 
 
 def test_gallery_is_self_contained_with_green_and_red_borders(report_dir):

@@ -56,6 +56,9 @@ def test_an_evaluate_only_run_trains_nothing_and_reports_the_same_figures(fashio
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(Workdir(workdir).load_identifiers()["codes"],
                                 Workdir(source).load_identifiers()["codes"])
+  # Nothing trained here, so no training curves (the source's report has them).
+  assert not list((workdir / "report").glob("*_curves.png"))
+  assert (source / "report" / "tokenizer_curves.png").exists()
   # The search is the same, so is every figure computed from its lists.
   mine, reference = _metrics(workdir)["irgen"], _metrics(source)["irgen"]
   keys = [k for k in reference if k.startswith(("precision@", "recall@", "map@", "mrr@"))]

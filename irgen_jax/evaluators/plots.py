@@ -11,6 +11,7 @@ import io
 from typing import Mapping, Sequence
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -121,4 +122,62 @@ def image_grid_png(rows: Sequence[Sequence[np.ndarray]], *, row_titles: Sequence
       if j == 0 and i < len(row_titles):
         ax.set_ylabel(row_titles[i])
   fig.subplots_adjust(wspace=0.05, hspace=0.05)
+  return _png(fig)
+
+
+# Panels of the stages' training curves: (logged key, panel title, log-scaled y).
+TOKENIZER_PANELS = (("loss", "total loss (eq. 3)", True), ("ce_cls", "classifier CE on f_cls", True),
+                    ("ce_rq", "prefix-reconstruction CE, summed over levels (λ1 term)", True),
+                    ("quant", "residual terms, summed over levels (λ2 term)", True))
+# The retriever's token accuracies are left out: within a class its target is uniform, so they stay low
+# whatever it learns (the report's held-out pairs and class accuracy say what it learned).
+RETRIEVER_PANELS = (("loss", "loss (label-smoothed CE per token)", True),
+                    ("nll", "identifier NLL (nats)", True),
+                    ("grad_norm", "gradient norm (before clipping)", True))
+
+
+def training_curves_png(runs: Mapping[str, Sequence[Mapping[str, float]]], *,
+                        panels: Sequence[tuple[str, str, bool]], title: str,
+                        refits: Mapping[str, Sequence[int]] | None = None) -> bytes:
+  """Training curves, one panel per ``(key, title, log_y)`` of ``panels`` and one line per run.
+
+  ``runs[name]`` are a run's logged rows (``<stage>/metrics.jsonl``: ``{"step", key: value}``, each the
+  mean over the ``log_every_steps`` steps up to ``step``); ``refits[name]`` marks that run's codebook
+  refits as dotted lines in its color, where the tokenizer's losses jump. A panel whose key no run logged
+  is left out.
+  """
+  logged = {key for rows in runs.values() for row in rows for key in row}
+  shown = [p for p in panels if p[0] in logged]
+  if not shown:
+    raise ValueError(f"training curves: none of the keys {[p[0] for p in panels]} is logged.")
+  panels = shown
+  ncols = min(2, len(panels))
+  nrows = -(-len(panels) // ncols)
+  fig = Figure(figsize=(6.0 * ncols, 3.6 * nrows))
+  fig.suptitle(title + ("  (dotted: codebook refits)" if any((refits or {}).values()) else ""))
+  for i, (key, panel_title, log_y) in enumerate(panels):
+    ax = fig.add_subplot(nrows, ncols, i + 1)
+    ax.set_title(panel_title, fontsize="medium")
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    low, high = np.inf, -np.inf
+    for j, (name, rows) in enumerate(runs.items()):
+      points = [(r["step"], r[key]) for r in rows if key in r]
+      if not points:
+        continue
+      steps, values = zip(*points)
+      low, high = min(low, *values), max(high, *values)
+      ax.plot(steps, values, color=f"C{j % 10}", label=name, linewidth=1.6)
+      for step in (refits or {}).get(name, ()):
+        ax.axvline(step, color=f"C{j % 10}", linestyle=":", linewidth=1.0, alpha=0.7)
+    if log_y and low > 0:  # a refit's jump and the slow decline after it, both readable
+      ax.set_yscale("log")
+      plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+      ax.yaxis.set_major_formatter(plain)
+      # Within a decade or two the powers of ten alone leave the axis nearly unlabelled: 2s and 5s too.
+      ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+      ax.yaxis.set_minor_formatter(plain if high / low < 300 else ticker.NullFormatter())
+    if len(runs) > 1 and i == 0:
+      ax.legend(fontsize="small")
+  fig.tight_layout()
   return _png(fig)

@@ -9,6 +9,8 @@
   results.md           the paper's Table 1 (precision@K) and Table 2 (recall@K) layout, grouped by search
                        kind, then MAP@100 and MRR, speed and index size, and the reference code's precision.
   precision_at_k.png, pr_curve.png, mrr.png
+  <stage>_curves.png   each trained stage's logged training curves (``figures``; results.md shows them
+                       under Time, where the timing names them).
   gallery.html         when image callbacks are given (gallery.py).
 
 The whole report is written into a fresh sibling directory, then swapped in by rename, so a crash leaves
@@ -320,6 +322,9 @@ def timing_markdown(t: Mapping[str, Any]) -> str:
                f"{_num(v.get('steps_per_sec'), '.2f')} |")
   out += ["", "Evaluate: until this report was written. Steps/s: the median of the logged windows "
           "after the first (which holds the compile)."]
+  for stage, v in t.items():
+    if v.get("curves"):
+      out += ["", f"![The {stage}'s training curves]({v['curves']})"]
   return "\n".join(out) + "\n"
 
 
