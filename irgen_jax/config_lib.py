@@ -239,10 +239,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.retriever = dict(
       encoder_init="clip",  # "tokenizer" (the stage-1 encoder) | "clip" | "random"
       encoder=encoder,      # architecture (and clip_path) when encoder_init is "clip" or "random"
-      # level_embeddings: one token table per identifier level, not the paper's one for all levels
-      # (models/decoder.py)
-      decoder=dict(depth=12, width=768, num_heads=12, mlp_ratio=4.0, remat=False,
-                   level_embeddings=False),
+      decoder=dict(depth=12, width=768, num_heads=12, mlp_ratio=4.0, remat=False),
       batch_size=512, num_epochs=200.0,
       lr=8e-5, encoder_lr_mult=0.01, warmup_steps=2000, weight_decay=0.05, b1=0.9, b2=0.96,
       grad_clip=0.0,

@@ -97,29 +97,6 @@ def test_pre_ln_residual_stream_is_kept(model_and_params):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
 
 
-def test_level_embeddings_read_one_table_per_level_teacher_forced_and_decoding():
-  model = tiny(level_embeddings=True)
-  codes, memory = inputs()
-  params = jax.jit(model.init)(jax.random.key(0), codes, memory)["params"]
-  assert "token_embed" not in params and params["level_embed"].shape == (M - 1, L, 32)
-  full = np.asarray(model.apply({"params": params}, codes, memory))
-  # Level m's table is first read at position m + 1: another table 1 leaves positions 0-1 as they were.
-  noise = jax.random.normal(jax.random.key(1), params["level_embed"].shape[1:])  # LN removes a shift
-  other = dict(params, level_embed=params["level_embed"].at[1].add(noise))
-  out = np.asarray(model.apply({"params": other}, codes, memory))
-  np.testing.assert_array_equal(out[:, :2], full[:, :2])
-  assert np.abs(out[:, 2:] - full[:, 2:]).min() > 0
-  # Decoding one position at a time, with t static or traced, gives the teacher-forced logits.
-  context = model.apply({"params": params}, memory, method=model.context)
-  for traced in (False, True):
-    cache = model.init_cache(3, 1)
-    for t in range(M):
-      prev = codes[:, max(t - 1, 0)][:, None]   # token t-1 (ignored at t = 0)
-      logits, cache = model.apply({"params": params}, context, cache, prev,
-                                  jnp.int32(t) if traced else t, method=model.step)
-      np.testing.assert_allclose(np.asarray(logits[:, 0]), full[:, t], atol=1e-5, rtol=1e-5)
-
-
 def test_shapes_dtypes_bfloat16_and_other_encoder_width(model_and_params):
   f32, params = model_and_params                            # encoder width 24 != decoder width 32
   codes, memory = inputs()

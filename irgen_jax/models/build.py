@@ -113,8 +113,7 @@ def retriever(c: ml_collections.ConfigDict) -> retriever_lib.Retriever:
   return retriever_lib.Model(enc, width=d.width, depth=d.depth, num_heads=d.num_heads,
                              mlp_ratio=d.mlp_ratio, num_levels=c.ids.length,
                              num_tokens=c.ids.codebook_size, dtype=dtype,
-                             remat=d.get("remat", False),
-                             level_embeddings=d.get("level_embeddings", False))
+                             remat=d.get("remat", False))
 
 
 def retriever_param_shapes(c: ml_collections.ConfigDict, model: retriever_lib.Retriever) -> Any:

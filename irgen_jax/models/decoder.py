@@ -201,10 +201,6 @@ class Decoder(nn.Module):
     remat: ``jax.checkpoint`` each block in the teacher-forced path (less activation memory, ~1/3 more
       compute in the backward pass); decoding is unaffected.
     norm_memory: LayerNorm the encoder tokens before cross-attention (see the module docstring).
-    level_embeddings: one token table per identifier level (``level_embed [M-1, L, D]``) instead of the
-      paper's one table for every level (``token_embed [L, D]``): code k of level 1 and code k of
-      level 2 are unrelated codewords of residual quantization, so one table makes the decoder tell
-      them apart through the position embedding alone.
     ln_eps: LayerNorm epsilon (torch's default 1e-5).
   """
   num_tokens: int
@@ -216,7 +212,6 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   norm_memory: bool = True
-  level_embeddings: bool = False
   ln_eps: float = 1e-5
 
   @property
@@ -227,12 +222,8 @@ class Decoder(nn.Module):
     self._check_sizes()
     d = self.width
     emb_init = nn.initializers.normal(stddev=0.02)
-    if self.level_embeddings:  # position s reads the token of level s-1: M-1 tables (one if M = 1)
-      self.level_embed = self.param("level_embed", emb_init,
-                                    (max(self.num_levels - 1, 1), self.num_tokens, d), jnp.float32)
-    else:
-      self.token_embed = nn.Embed(self.num_tokens, d, dtype=jnp.float32, param_dtype=jnp.float32,
-                                  embedding_init=emb_init, name="token_embed")
+    self.token_embed = nn.Embed(self.num_tokens, d, dtype=jnp.float32, param_dtype=jnp.float32,
+                                embedding_init=emb_init, name="token_embed")
     self.start_token = self.param("start_token", emb_init, (d,), jnp.float32)
     self.pos_embedding = self.param("pos_embedding", emb_init, (self.num_levels, d), jnp.float32)
     self.ln_memory = _layer_norm(self.ln_eps, "ln_memory") if self.norm_memory else None
@@ -261,13 +252,6 @@ class Decoder(nn.Module):
       raise ValueError(f"encoder tokens have shape {tuple(memory.shape)}: expected [N, T, De].")
     return self.ln_memory(memory) if self.ln_memory is not None else memory
 
-  def _embed(self, tokens: jax.Array, level: Any) -> jax.Array:
-    """Embeddings ``[..., D]`` of tokens of identifier level ``level`` (0-based: an int, an int array
-    broadcasting against ``tokens``, or a traced scalar)."""
-    if not self.level_embeddings:
-      return self.token_embed(tokens)
-    return self.level_embed[level, tokens]
-
   def _logits(self, x: jax.Array) -> jax.Array:
     return self.head(self.ln_final(x))
 
@@ -293,8 +277,7 @@ class Decoder(nn.Module):
     b, s = codes.shape
     memory = self._memory(memory)
     start = jnp.broadcast_to(self.start_token, (b, 1, self.width))
-    prev = self._embed(codes[:, :s - 1], jnp.arange(s - 1)[None, :])
-    x = jnp.concatenate([start, prev], axis=1) + self.pos_embedding[:s]
+    x = jnp.concatenate([start, self.token_embed(codes[:, :s - 1])], axis=1) + self.pos_embedding[:s]
     for blk in self.blocks:
       x = blk(x, memory)
     return self._logits(x)
@@ -349,9 +332,9 @@ class Decoder(nn.Module):
       raise ValueError(f"context has {context[0]['k'].shape[0]} queries, the cache {q}.")
     if isinstance(t, int):
       x = (jnp.broadcast_to(self.start_token, (q, b, self.width)) if t == 0
-           else self._embed(prev_tokens, t - 1))
-    else:  # at t = 0 the table row read (level max(t-1, 0)) is discarded for the start token
-      x = jnp.where(t == 0, self.start_token, self._embed(prev_tokens, jnp.maximum(t - 1, 0)))
+           else self.token_embed(prev_tokens))
+    else:
+      x = jnp.where(t == 0, self.start_token, self.token_embed(prev_tokens))
     x = x + self.pos_embedding[t]
     new_cache = []
     for blk, kv, c in zip(self.blocks, context, cache):

@@ -98,7 +98,7 @@ def _build_encoder(encoder: Any, dtype: Any) -> nn.Module:
 
 def Model(encoder: Any, *, width: int = 768, depth: int = 12, num_heads: int = 12,  # noqa: N802
           mlp_ratio: float = 4.0, num_levels: int = 4, num_tokens: int = 256, dtype: Any = jnp.float32,
-          remat: bool = False, norm_memory: bool = True, level_embeddings: bool = False) -> Retriever:
+          remat: bool = False, norm_memory: bool = True) -> Retriever:
   """A :class:`Retriever` from explicit sizes (big_vision's factory name).
 
   Args:
@@ -112,11 +112,10 @@ def Model(encoder: Any, *, width: int = 768, depth: int = 12, num_heads: int = 1
     dtype: the decoder's compute dtype (parameters are float32).
     remat: rematerialize decoder blocks in training.
     norm_memory: LayerNorm the encoder tokens before cross-attention.
-    level_embeddings: one token embedding table per identifier level (``Decoder.level_embeddings``).
   """
   decoder = Decoder(num_tokens=num_tokens, num_levels=num_levels, width=width, depth=depth,
                     num_heads=num_heads, mlp_ratio=mlp_ratio, dtype=dtype, remat=remat,
-                    norm_memory=norm_memory, level_embeddings=level_embeddings)
+                    norm_memory=norm_memory)
   decoder._check_sizes()  # fail on bad sizes here, not at the first init
   return Retriever(encoder=_build_encoder(encoder, dtype), decoder=decoder)
 
