@@ -293,11 +293,13 @@ def test_folder_config_fits_a_tiny_folder(tmp_path):
   assert (c.data.image_size, c.data.resize_size) == (32, 37)
   assert c.tokenizer.batch_size == c.retriever.batch_size == 16  # capped: 21 database images
   assert c.tokenizer.num_epochs == pytest.approx(600 * 16 / 21)
-  # The Fashion-MNIST default's recipe with crops: a 4x4 grid of patches, the first fit after warm-up,
-  # the retriever's encoder frozen.
+  # The Fashion-MNIST default's recipe with crops: a 4x4 grid of patches, the retriever's encoder
+  # frozen; the first codebook fit after a quarter of the steps (not at the end of the 60-step warm-up)
+  # and a refit every fifth of the epochs, so about four fits whatever the folder's size.
   assert c.tokenizer.encoder.patch_size == 8 and tuple(c.data.crop_scale) == (0.6, 1.0)
-  assert c.tokenizer.first_refit_steps == c.tokenizer.warmup_steps == 60
-  assert c.retriever.encoder_lr_mult == 0.0
+  assert c.tokenizer.warmup_steps == 60 and c.tokenizer.first_refit_steps == 150
+  assert c.tokenizer.refit_every_epochs == round(0.2 * 600 * 16 / 21)
+  assert c.retriever.encoder_lr_mult == 0.0 and c.retriever.lr == c.tokenizer.lr == 2e-3
   config_lib.validate(c, num_devices=1, dataset_names=registry.names())
   small = folder.get_config(f"data_dir={root},runlocal,image_size=16")
   assert small.tokenizer.num_epochs == pytest.approx(20 * 16 / 21) and small.ids.codebook_size == 16
