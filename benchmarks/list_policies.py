@@ -34,7 +34,7 @@ from irgen_jax import files, parallel  # noqa: E402
 from irgen_jax.decoding import hedge as hedge_lib  # noqa: E402
 from irgen_jax.decoding.program import SearchProgram  # noqa: E402
 from irgen_jax.evaluators import metrics  # noqa: E402
-from irgen_jax.workdir import REPORT_METRICS, IndexedImages, Workdir  # noqa: E402
+from irgen_jax.workdir import REPORT_METRICS, Workdir, open_trained_retriever  # noqa: E402
 
 POLICIES = ("plain", "class_first", "class_first2", "hedge", "class_first+hedge", "class_first2+hedge")
 KS = (1, 10, 30)
@@ -68,11 +68,8 @@ def main(argv=None) -> dict:
     p.error(f"--threshold {a.threshold}: expected posteriors in (0, 1]")
 
   wd = Workdir(a.workdir)
-  c = wd.load_config()
-  if a.data_dir:
-    c.data.data_dir = a.data_dir
-  indexed = IndexedImages.open(wd, c)
-  model, params = wd.load_retriever(c)
+  run = open_trained_retriever(wd, data_dir=a.data_dir)
+  c, indexed, model, params = run.config, run.indexed, run.model, run.params
   labels, queries = indexed.labels(), indexed.dataset.query
   q_labels = indexed.dataset.labels("query")
   mesh = parallel.make_mesh()

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from irgen_jax import files, inference, parallel  # noqa: E402
 from irgen_jax.decoding.program import SearchProgram  # noqa: E402
 from irgen_jax.evaluators import metrics  # noqa: E402
-from irgen_jax.workdir import IndexedImages, Workdir  # noqa: E402
+from irgen_jax.workdir import open_trained_retriever  # noqa: E402
 
 DEFAULT_OPTION = "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
@@ -58,12 +58,8 @@ def main(argv=None) -> dict:
     p.error(f"--queries {a.queries}, --repeats {a.repeats}, --k {a.k}: expected each >= 1")
   options = dict(a.option or [parse_option(DEFAULT_OPTION)])
 
-  wd = Workdir(a.workdir)
-  c = wd.load_config()
-  if a.data_dir:
-    c.data.data_dir = a.data_dir
-  indexed = IndexedImages.open(wd, c)
-  model, params = wd.load_retriever(c)
+  run = open_trained_retriever(a.workdir, data_dir=a.data_dir)
+  c, indexed, model, params = run.config, run.indexed, run.model, run.params
   mesh = parallel.make_mesh()
   labels = indexed.labels()
   rows = np.arange(min(a.queries, len(indexed.dataset.query)))

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from irgen_jax import files  # noqa: E402
 from irgen_jax.evaluators import plots  # noqa: E402
-from irgen_jax.workdir import REFITS, Workdir  # noqa: E402
+from irgen_jax.workdir import Workdir  # noqa: E402
 
 PANELS = {"tokenizer": plots.TOKENIZER_PANELS, "retriever": plots.RETRIEVER_PANELS}
 
@@ -29,13 +29,11 @@ PANELS = {"tokenizer": plots.TOKENIZER_PANELS, "retriever": plots.RETRIEVER_PANE
 def read_run(workdir: str, stage: str) -> tuple[list[dict], list[int]]:
   """The stage's logged windows and (the tokenizer's) refit steps of one finished run."""
   wd = Workdir(workdir)
-  log = os.path.join(wd.path(stage), "metrics.jsonl")
-  if not os.path.exists(log):
-    raise ValueError(f"--run {workdir}: no {stage} training log ({log}); expected the workdir of a run "
-                     f"that trained the {stage} (a reused stage logs none)")
-  refits = ([r["step"] for r in files.read_jsonl(wd.path(REFITS))]
-            if stage == "tokenizer" and os.path.exists(wd.path(REFITS)) else [])
-  return files.read_jsonl(log), refits
+  rows = wd.training_log(stage)
+  if not rows:
+    raise ValueError(f"--run {workdir}: no {stage} training log ({wd.path(stage, 'metrics.jsonl')}); "
+                     f"expected the workdir of a run that trained the {stage} (a reused stage logs none)")
+  return rows, wd.refit_steps() if stage == "tokenizer" else []
 
 
 def summary(rows: list[dict], refits: list[int], key: str) -> dict[str, float] | None:

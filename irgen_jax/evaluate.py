@@ -39,8 +39,8 @@ from irgen_jax.decoding.program import SearchProgram, list_length
 from irgen_jax.evaluators import baselines, metrics, plots, report
 from irgen_jax.evaluators.results import MethodResult
 from irgen_jax.models import build, vit
-from irgen_jax.workdir import (REFITS, REPORT, RQVAE, RQVAE_RECONSTRUCTIONS, TOKENIZER_STATS,
-                               IndexedImages, Workdir)
+from irgen_jax.workdir import (REPORT, RQVAE, RQVAE_RECONSTRUCTIONS, TOKENIZER_STATS, IndexedImages,
+                               Workdir)
 
 log = logging.getLogger(__name__)
 
@@ -276,31 +276,23 @@ def _figures(c, wd: Workdir) -> dict[str, bytes]:
 _CURVE_PANELS = {"tokenizer": plots.TOKENIZER_PANELS, "retriever": plots.RETRIEVER_PANELS}
 
 
-def _training_log(directory: str) -> list[dict[str, Any]]:
-  """A stage's logged training windows (``DIR/metrics.jsonl``); none where the stage was reused."""
-  path = os.path.join(directory, "metrics.jsonl")
-  return files.read_jsonl(path) if os.path.exists(path) else []
-
-
 def _training_curves(wd: Workdir) -> dict[str, tuple[str, bytes]]:
   """``{stage: (file name, PNG)}``: each trained stage's curves, the tokenizer's codebook refits marked
   (its losses jump at each: a user sees whether they settle before the next)."""
   out = {}
   for stage, panels in _CURVE_PANELS.items():
-    rows = _training_log(wd.path(stage))
+    rows = wd.training_log(stage)
     if not rows:
       continue
-    refits = ([r["step"] for r in files.read_jsonl(wd.path(REFITS))]
-              if stage == "tokenizer" and os.path.exists(wd.path(REFITS)) else [])
+    refits = wd.refit_steps() if stage == "tokenizer" else []
     png = plots.training_curves_png({stage: rows}, panels=panels, refits={stage: refits},
                                     title=f"The {stage}'s training")
     out[stage] = (f"{stage}_curves.png", png)
   return out
 
 
-def _training_speed(directory: str) -> dict[str, Any]:
-  """``steps`` and ``steps_per_sec`` from a training log (``DIR/metrics.jsonl``), if it has any."""
-  lines = _training_log(directory)
+def _training_speed(lines: list[dict[str, Any]]) -> dict[str, Any]:
+  """``steps`` and ``steps_per_sec`` from a training log (``Workdir.training_log``), if it has any."""
   # The first logged window holds the compile; the rest is the training speed.
   speeds = [r["steps_per_sec"] for r in lines[1:] if "steps_per_sec" in r]
   if not speeds:
@@ -317,13 +309,13 @@ def _timing(wd: Workdir, started: float) -> dict[str, Any]:
     entry = {}
     if os.path.exists(wd.done_marker(stage)):
       entry["wall_s"] = files.read_json(wd.done_marker(stage)).get("wall_s")
-    entry.update(_training_speed(wd.path(stage)))
+    entry.update(_training_speed(wd.training_log(stage)))
     if entry:
       out[stage] = entry
     if stage == "tokenizer":
       stats = files.read_json(wd.path(TOKENIZER_STATS)) if os.path.exists(wd.path(TOKENIZER_STATS)) else {}
       rqvae = {"wall_s": stats["rqvae_s"]} if "rqvae_s" in stats else {}
-      rqvae.update(_training_speed(wd.path(RQVAE)))
+      rqvae.update(_training_speed(wd.training_log(RQVAE)))
       if rqvae:
         out["rqvae"] = rqvae
   out["evaluate"] = {"wall_s_until_report": time.perf_counter() - started}

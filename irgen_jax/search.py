@@ -32,7 +32,7 @@ from irgen_jax.data.records import ArraySource
 from irgen_jax.decoding.program import SearchProgram, uses_classes
 from irgen_jax.errors import UserError
 from irgen_jax.evaluators import gallery
-from irgen_jax.workdir import SEARCH_HTML, IndexedImages, Workdir
+from irgen_jax.workdir import SEARCH_HTML, Workdir, open_trained_retriever
 
 
 class UnreadableQueryError(UserError):
@@ -103,10 +103,8 @@ def search_images(workdir: str, paths: Sequence[str], *, k: int = 10, html_path:
   pixels = read_images(paths)
 
   wd = Workdir(workdir)
-  c = wd.load_config()
-  wd.require("retriever", what="trained retriever")
-  indexed = IndexedImages.open(wd, c, require_data=False)
-  model, params = wd.load_retriever(c)
+  run = open_trained_retriever(wd, require_data=False)
+  c, indexed, model, params = run.config, run.indexed, run.model, run.params
   beams = int(beam_size or max(c.search.beam_size, k))
   # The run's list policy; class first and the hedge need the classes of the database's prefixes.
   labels = indexed.labels() if uses_classes(c) else None

@@ -267,6 +267,17 @@ class Workdir:
     with np.load(path) as z:
       return {k: z[k] for k in z.files}
 
+  def training_log(self, directory: str) -> list[dict[str, Any]]:
+    """The logged training windows of ``directory`` (a stage's, or RQVAE): its ``metrics.jsonl``,
+    ``{"step", metric: mean over the window}`` per line; none where nothing was trained here."""
+    path = self.path(directory, "metrics.jsonl")
+    return files.read_jsonl(path) if os.path.exists(path) else []
+
+  def refit_steps(self) -> list[int]:
+    """The steps before which the tokenizer's codebooks were fit (``REFITS``); none if not trained here."""
+    path = self.path(REFITS)
+    return [r["step"] for r in files.read_jsonl(path)] if os.path.exists(path) else []
+
   def load_database_features(self, mmap: bool = False) -> np.ndarray:
     path = self.path(DATABASE_FEATURES)
     if not os.path.exists(path):
@@ -503,3 +514,27 @@ class IndexedSource:
       raise FileNotFoundError(f"The pixels of image {j} ({self.images.describe(j)['source']}) cannot "
                               "be read.")
     return {"image": image, "label": int(self.labels[j]), "index": j}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRetriever:
+  """What searching a finished run needs: its config, indexed database and trained retriever."""
+  config: ml_collections.ConfigDict
+  indexed: IndexedImages
+  model: Any
+  params: Any
+
+
+def open_trained_retriever(workdir: Workdir | str, *, data_dir: str = "",
+                           require_data: bool = True) -> TrainedRetriever:
+  """A finished run's config (``data_dir``, if given, overrides where its prepared data lives),
+  its indexed images and its trained retriever. Raises ``MissingFileError`` when the retriever stage
+  is not done. ``require_data=False``: only the index and its labels, no prepared dataset."""
+  wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
+  c = wd.load_config()
+  if data_dir:
+    c.data.data_dir = str(data_dir)
+  wd.require("retriever", what="trained retriever")
+  indexed = IndexedImages.open(wd, c, require_data=require_data)
+  model, params = wd.load_retriever(c)
+  return TrainedRetriever(c, indexed, model, params)

@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 from irgen_jax import config_lib
 from irgen_jax.decoding import hedge
 from irgen_jax.decoding.program import SearchProgram, search_function, uses_classes
-from irgen_jax.workdir import IndexedImages, Workdir
+from irgen_jax.workdir import IndexedImages, Workdir, open_trained_retriever
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -102,11 +102,8 @@ def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
   """With a threshold every query passes, each list's places at-r .. at-1 hold images whose first token
   stands for the retriever's runner-up class; the other places are the unhedged list without them."""
   workdir, data_dir = fashion_runlocal_workdir
-  wd = Workdir(str(workdir))
-  c = wd.load_config()
-  c.data.data_dir = str(data_dir)
-  indexed = IndexedImages.open(wd, c)
-  model, params = wd.load_retriever(c)
+  run = open_trained_retriever(str(workdir), data_dir=str(data_dir))
+  c, indexed, model, params = run.config, run.indexed, run.model, run.params
   tables, num_groups = hedge.index_groups(indexed.index, indexed.labels(), 2)
   groups, pairs = tables
   assert num_groups == indexed.dataset.num_classes

@@ -13,7 +13,7 @@ from PIL import Image
 
 from irgen_jax import search
 from irgen_jax.data import fashion_mnist, pipeline, records
-from irgen_jax.workdir import IndexedImages, Workdir
+from irgen_jax.workdir import IndexedImages, Workdir, open_trained_retriever
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,11 +112,8 @@ def test_the_search_program_compiles_with_the_configs_xla_cpu_options(fashion_ru
   from irgen_jax import config_lib
   from irgen_jax.decoding.program import SearchProgram, cpu_compiler_options
   workdir, data_dir = fashion_runlocal_workdir
-  wd = Workdir(str(workdir))
-  c = wd.load_config()
-  c.data.data_dir = str(data_dir)
-  indexed = IndexedImages.open(wd, c)
-  model, params = wd.load_retriever(c)
+  run = open_trained_retriever(str(workdir), data_dir=str(data_dir))
+  c, indexed, model, params = run.config, run.indexed, run.model, run.params
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   queries = indexed.dataset.query
   key = "xla_cpu_experimental_ynn_fusion_type"
