@@ -63,10 +63,15 @@ def fashion_test(out: str) -> dict[str, int]:
   return write_folder(os.path.join(out, "fashion_test"), images, labels, names, query_fraction=0.2)
 
 
-def digits(out: str, csv_path: str) -> dict[str, int]:
+def read_csv(csv_path: str) -> np.ndarray:
+  """A numeric CSV table (gzipped if its name ends in .gz)."""
   opener = gzip.open if csv_path.endswith(".gz") else open
   with opener(csv_path, "rt") as f:
-    table = np.loadtxt(f, delimiter=",")
+    return np.loadtxt(f, delimiter=",", dtype=np.float32)
+
+
+def digits(out: str, csv_path: str) -> dict[str, int]:
+  table = read_csv(csv_path)
   pixels, labels = table[:, :64], table[:, 64].astype(np.int64)
   images = np.rint(pixels.reshape(-1, 8, 8) * (255 / 16)).astype(np.uint8)
   return write_folder(os.path.join(out, "digits"), images, labels, [str(d) for d in range(10)],
@@ -74,9 +79,7 @@ def digits(out: str, csv_path: str) -> dict[str, int]:
 
 
 def mnist5k(out: str, csv_path: str) -> dict[str, int]:
-  opener = gzip.open if csv_path.endswith(".gz") else open
-  with opener(csv_path, "rt") as f:
-    table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+  table = read_csv(csv_path)
   if table.shape[1] != 28 * 28 + 1:
     raise SystemExit(f"--mnist_csv {csv_path}: {table.shape[1]} columns; expected 785 (784 pixels, label)")
   images = table[:, :784].reshape(-1, 28, 28).astype(np.uint8)

@@ -147,10 +147,9 @@ def training_curves_png(runs: Mapping[str, Sequence[Mapping[str, float]]], *,
   is left out.
   """
   logged = {key for rows in runs.values() for row in rows for key in row}
-  shown = [p for p in panels if p[0] in logged]
-  if not shown:
+  if not any(p[0] in logged for p in panels):
     raise ValueError(f"training curves: none of the keys {[p[0] for p in panels]} is logged.")
-  panels = shown
+  panels = [p for p in panels if p[0] in logged]
   ncols = min(2, len(panels))
   nrows = -(-len(panels) // ncols)
   fig = Figure(figsize=(6.0 * ncols, 3.6 * nrows))
