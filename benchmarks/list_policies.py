@@ -9,9 +9,9 @@ compared on one training (a seed sweep trains once per seed, this script then se
 
   plain            the paper's beam (search.class_first=False, no hedge)
   class_first      within the likeliest class's first tokens (class_levels=1)
-  class_first2     within its prefixes to two tokens (class_levels=2)
+  class_firstD     within its prefixes to D tokens (class_levels=D, 2 <= D <= M), e.g. class_first4
   hedge            the plain beam hedged (search.hedge at each --threshold)
-  class_first+hedge, class_first2+hedge   both
+  class_first+hedge, class_firstD+hedge   both
 
 The hedge's other settings (slots, at, beam_size) are the run's config's (slots 1 where it has none).
 Printed per policy (IRGen, %) beside the run's linear scan (report/metrics.json): P@1/10/30, R@1/10/30,
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,13 +39,20 @@ from irgen_jax.workdir import REPORT_METRICS, Workdir, open_trained_retriever  #
 
 POLICIES = ("plain", "class_first", "class_first2", "hedge", "class_first+hedge", "class_first2+hedge")
 KS = (1, 10, 30)
+_POLICY = re.compile(r"(plain|hedge|class_first([2-9]|[1-9][0-9]+)?(\+hedge)?)")
+
+
+def class_levels(name: str) -> int:
+  """D of a policy name: class_firstD -> D, class_first -> 1, the others 0 (no class restriction)."""
+  match = _POLICY.fullmatch(name)
+  return 0 if not name.startswith("class_first") else int(match.group(2) or 1)
 
 
 def policy_config(c, name: str, threshold: float):
   """(config, hedge) of policy ``name`` over the run's config ``c``."""
   c = c.copy_and_resolve_references()
   c.search.class_first = name.startswith("class_first")
-  c.search.class_levels = 2 if name.startswith("class_first2") else 1
+  c.search.class_levels = max(1, class_levels(name))
   h = hedge_lib.Hedge.from_config(c.search)
   hedge = (hedge_lib.Hedge(max(h.slots, 1), h.at, threshold, h.beam_size) if name.endswith("hedge")
            else hedge_lib.Hedge())
@@ -61,15 +69,20 @@ def main(argv=None) -> dict:
   p.add_argument("--json", default=None, help="write the figures here")
   a = p.parse_args(argv)
   names = [n for n in a.policies.split(",") if n]
-  unknown = sorted(set(names) - set(POLICIES))
+  unknown = sorted(n for n in names if not _POLICY.fullmatch(n))
   if unknown or not names:
-    p.error(f"--policies: unknown {unknown or names}; expected names from {POLICIES}")
+    p.error(f"--policies: unknown {unknown or names}; expected names like {POLICIES} (class_firstD: D "
+            f"levels)")
   if a.threshold and not all(0 < t <= 1 for t in a.threshold):
     p.error(f"--threshold {a.threshold}: expected posteriors in (0, 1]")
 
   wd = Workdir(a.workdir)
   run = open_trained_retriever(wd, data_dir=a.data_dir)
   c, indexed, model, params = run.config, run.indexed, run.model, run.params
+  too_deep = [n for n in names if class_levels(n) > c.ids.length]
+  if too_deep:
+    p.error(f"--policies: {too_deep} restrict more levels than the run's identifiers have "
+            f"(ids.length={c.ids.length})")
   labels, queries = indexed.labels(), indexed.dataset.query
   q_labels = indexed.dataset.labels("query")
   mesh = parallel.make_mesh()

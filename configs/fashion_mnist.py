@@ -44,11 +44,13 @@ def get_config(arg=None):
   # layer-normalized (the base default): without that, one epoch collapsed after ~350 steps, twice.
   c.ids.rqvae.update(latent_size=4, depth=4, latent_dim=64, channels=(32, 64, 128), batch_size=128,
                      num_epochs=1.0, warmup_steps=100)
-  # IRGen's list class first (within the likeliest class's prefixes to two tokens), with one place
-  # (the 10th) for the runner-up class where the retriever gives it >= 0.2 (decoding/hedge.py). Over 3
-  # seeds against the plain beam: P@10 86.9 vs 86.6, R@10 93.4 vs 90.0, MAP@100 85.9 vs 84.2 (the
-  # scan's 85.1 / 97.5 / 78.4); at one level 86.8 / 93.3 / 85.4. README, "Class first, and a hedge".
-  c.search.update(beam_size=30, query_batch_size=256, class_first=True, class_levels=2)
+  # IRGen's list class first, within the likeliest class's prefixes at every level down to the
+  # identifier (class_levels=-1), with one place (the 10th) for the runner-up class where the
+  # retriever gives it >= 0.2 (decoding/hedge.py). The same 3 trained seeds, P@10 - scan / R@10 - scan:
+  # every level +2.48 / -4.31, +2.46 / -4.40, +2.46 / -4.14; two levels +2.32 / -4.37, +2.19 / -4.37,
+  # +1.49 / -3.94 (seed 2's lists held other classes' images under the class's two-token prefixes).
+  # README, "Class first, and a hedge".
+  c.search.update(beam_size=30, query_batch_size=256, class_first=True, class_levels=-1)
   c.search.hedge.update(slots=1, at=10, threshold=0.2, beam_size=10)
   # On CPUs, YNNPACK takes only the matmuls and XLA fuses the rest itself: YNNPACK's own fusions of this
   # width-128 decoder's LayerNorms into the matmul after each ran at 25-70 GFLOP/s against ~190 for a

@@ -17,10 +17,6 @@ import ml_collections
 
 from irgen_jax.errors import ConfigError
 
-# The largest prefix-class table a class-first search may build (search.class_levels): L^D int32 entries,
-# 4M = 16 MB, so two levels up to L = 2048.
-MAX_PREFIX_CLASS_ENTRIES = 1 << 22
-
 
 def load_module(config_arg: str):
   """``configs/X.py[:ARG]`` -> (the config file as a module, ARG or None).
@@ -267,8 +263,10 @@ def base_config() -> ml_collections.ConfigDict:
   # class_first: the search restricted to the first tokens of the retriever's likeliest class (its
   # first-token distribution summed per class), so the list does not start in a class of less total
   # mass whose mass sits on fewer first tokens (decoding/hedge.py).
-  # class_levels: how many levels both restrictions hold: 2 = also every two-token prefix's class (the
-  # majority label under it), which skips the other classes' images that share a first token.
+  # class_levels: how many levels (1..ids.length) both restrictions hold: 2 = also every two-token
+  # prefix's class (the majority label under it), which skips the other classes' images that share a
+  # first token; -1 = every level, down to the identifier itself, whatever ids.length is (so a sweep
+  # over the identifier's length keeps that meaning).
   # xla_cpu_options: XLA:CPU options (DebugOptions fields, "xla_cpu_..." -> value) the search program
   # compiles with where it runs on CPUs (ignored elsewhere): a per-model tuning knob, e.g. the Fashion
   # default's (configs/fashion_mnist.py). They change float rounding, not the algorithm.
@@ -425,11 +423,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int, num_processes: i
   need(c.search.query_batch_size >= 1, "search.query_batch_size", c.search.query_batch_size, ">= 1")
   need(c.search.get("loop", "auto") in ("auto", "unroll", "scan"), "search.loop", c.search.get("loop"),
        "one of auto, unroll, scan")
-  need(1 <= c.search.get("class_levels", 1) <= min(c.ids.length, 2), "search.class_levels",
-       c.search.get("class_levels"), f"1 or 2, at most ids.length ({c.ids.length})")
-  need(c.ids.codebook_size ** c.search.get("class_levels", 1) <= MAX_PREFIX_CLASS_ENTRIES,
-       "search.class_levels", c.search.get("class_levels"),
-       f"such that ids.codebook_size^class_levels <= {MAX_PREFIX_CLASS_ENTRIES} (a prefix-class table)")
+  levels = c.search.get("class_levels", 1)
+  need(levels == -1 or 1 <= levels <= c.ids.length, "search.class_levels", levels,
+       f"-1 (every level) or in 1..ids.length ({c.ids.length})")
   for key, value in (c.search.get("xla_cpu_options") or {}).items():
     need(key.startswith("xla_cpu_") and isinstance(value, (str, bool, int, float)),
          f"search.xla_cpu_options.{key}", value, "an XLA:CPU option (a name xla_cpu_...) with a string, "

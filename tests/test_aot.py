@@ -384,16 +384,18 @@ def test_search_program_database_size_and_lowering_on_cpu():
   assert name == "beam_search"
   q, s = config.search.query_batch_size, config.data.image_size
   assert args[2].shape == (q, s, s, 3)
-  l, levels = config.ids.codebook_size, config.search.class_levels
-  # The classes of the prefixes to class_levels tokens (the config's two, then one).
-  assert levels == 2 and [g.shape for g in args[3]] == [(l,), (l, l)]
+  levels, nodes = config.search.class_levels, [x.shape for x in args[1].child_token]
+  # The classes of the prefixes to class_levels tokens (the config's two, then one, then all M), one
+  # per node of the largest index.
+  assert levels == 2 and [g.shape for g in args[3]] == nodes[:2]
   out = jax.eval_shape(fn, *args)
   # K = max(ks, map_at) = 100 <= N; then the two likeliest classes, their posteriors, hedged or not.
   assert [x.shape for x in out] == [(q, 100), (q, 100), (q,), (q, 2), (q, 2), (q,)]
-  config.search.class_levels = 1
-  (_, (fn, args)), = program.aot_program(config, mesh).items()
-  assert [g.shape for g in args[3]] == [(l,)]
-  assert [x.shape for x in jax.eval_shape(fn, *args)] == [x.shape for x in out]
+  for levels in (1, config.ids.length):
+    config.search.class_levels = levels
+    (_, (fn, args)), = program.aot_program(config, mesh).items()
+    assert [g.shape for g in args[3]] == nodes[:levels]
+    assert [x.shape for x in jax.eval_shape(fn, *args)] == [x.shape for x in out]
 
 
 if __name__ == "__main__":

@@ -245,25 +245,33 @@ def test_per_level_widths(toy):
     bs.beam_search(fns, params, arrays, q, beam_size=(2, 0, 3), top_k=TOP_K)
 
 
-@pytest.mark.parametrize("layout,depth", [("dense", 1), ("sparse", 1), ("dense", 2), ("sparse", 2)])
+@pytest.mark.parametrize("layout,depth", [("dense", 1), ("sparse", 1), ("dense", 2), ("sparse", 2),
+                                          ("auto", 3), ("sparse", 3)])
 def test_prefix_classes_search_within_the_query_class(toy, layout, depth):
   """A search within one class's prefixes (class first, the hedge's second search) is, with beams for
   every prefix, the exact top K among the identifiers whose first ``depth`` prefixes have the query's
-  class; narrower, its beams all have them, and its bound covers the allowed identifiers it dropped."""
+  class; narrower, its beams all have them, and its bound covers the allowed identifiers it dropped.
+  Classes are per node (every depth-d prefix its own draw), down to the identifiers at depth M = 3."""
   codes, l, params, _, _, all_scores = reference("random")
   index = Index.build(codes, l, layout=layout)
   idents = index.identifiers()
+  fns, arrays, q = toy[3], device_tables(index), jnp.asarray(QUERIES)
   rng = np.random.default_rng(3)
-  tables = tuple(rng.integers(-1, 3, (l,) * (t + 1)).astype(np.int32) for t in range(depth))
+  tables = tuple(rng.integers(-1, 3, arrays.child_token[t].shape).astype(np.int32) for t in range(depth))
   target = rng.integers(0, 3, len(QUERIES)).astype(np.int32)
   target[-1] = 7  # a class no prefix has: every beam dead, no image
   classes = bs.PrefixClasses(tuple(map(jnp.asarray, tables)), jnp.asarray(target))
 
+  def node_of(prefix):
+    node = 0
+    for t, token in enumerate(prefix):
+      node = index.child(t, node, int(token))
+    return node
+
   def allowed(ident, i):
-    return all(tables[t][tuple(ident[:t + 1])] == target[i] for t in range(depth))
-  fns, arrays, q = toy[3], device_tables(index), jnp.asarray(QUERIES)
+    return all(tables[t][node_of(ident[:t + 1])] == target[i] for t in range(depth))
   wide = index.num_identifiers + 3
-  # (scan: the restricted levels are unrolled, the scan starts after them)
+  # (scan, at a sparse layout: the restricted levels 1..depth-1 run inside the scan)
   for beam, loop in ((4, "unroll"), (wide, "unroll"), (wide, "scan")):
     res = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=beam, top_k=TOP_K,
                                                   classes=classes, loop=loop))
@@ -287,6 +295,8 @@ def test_prefix_classes_search_within_the_query_class(toy, layout, depth):
   with pytest.raises(ValueError, match="classes.tables must be"):
     bs.beam_search(fns, params, arrays, q, beam_size=4, top_k=TOP_K,
                    classes=classes._replace(tables=(jnp.zeros((l, l), jnp.int32),)))
+  with pytest.raises(ValueError, match="classes need the index's constraint"):
+    bs.beam_search(fns, params, arrays, q, beam_size=4, top_k=TOP_K, classes=classes, constrained=False)
 
 
 def test_compiled_search_keeps_every_top_k_a_partial_sort(toy):

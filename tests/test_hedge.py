@@ -13,7 +13,8 @@ from hypothesis.extra import numpy as hnp
 
 from irgen_jax import config_lib
 from irgen_jax.decoding import hedge
-from irgen_jax.decoding.program import SearchProgram, search_function, uses_classes
+from irgen_jax.decoding.index import Index
+from irgen_jax.decoding.program import SearchProgram, class_levels, search_function, uses_classes
 from irgen_jax.workdir import IndexedImages, Workdir, open_trained_retriever
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -22,22 +23,38 @@ FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 @FAST
 @given(st.integers(1, 60).flatmap(lambda n: st.tuples(
     hnp.arrays(np.int64, (n, 3), elements=st.integers(0, 7)),
-    hnp.arrays(np.int64, (n,), elements=st.integers(-1, 4)))), st.integers(1, 2))
-def test_prefix_groups_are_majority_labels(case, depth):
+    hnp.arrays(np.int64, (n,), elements=st.integers(-1, 4)))), st.integers(1, 3),
+    st.sampled_from(["auto", "dense", "sparse"]), st.booleans())
+def test_node_classes_are_majority_labels(case, depth, layout, bucket):
   codes, labels = case
-  tables = hedge.prefix_groups(codes, labels, 8, depth)
-  assert [t.shape for t in tables] == [(8,) * (d + 1) for d in range(depth)]
-  for d, table in enumerate(tables):
-    for prefix in np.ndindex(*table.shape):
-      under = [int(y) for c, y in zip(codes, labels) if tuple(c[:d + 1]) == prefix and y >= 0]
+  index = Index.build(codes, 8, layout=layout)
+  tables = hedge.node_classes(index, labels, depth, bucket=bucket)
+  arrays = index.device_arrays(bucket=bucket)
+  assert [t.shape for t in tables] == [tuple(arrays.child_token[d].shape) for d in range(depth)]
+  per_image = hedge.image_classes(index, tables)
+  assert per_image.shape == (len(codes), depth)
+  seen = [set() for _ in range(depth)]
+  for d in range(depth):
+    for prefix in {tuple(c[:d + 1]) for c in codes}:
+      node = 0
+      for t, token in enumerate(prefix):   # the prefix's node at depth d + 1, walked from the root
+        node = index.child(t, node, token)
+      seen[d].add(node)
+      inside = [i for i, c in enumerate(codes) if tuple(c[:d + 1]) == prefix]
+      under = [int(labels[i]) for i in inside if labels[i] >= 0]
       if not under:
-        assert table[prefix] == -1
+        assert tables[d][node] == -1
       else:
         counts = {y: under.count(y) for y in set(under)}
         best = max(counts.values())
-        assert table[prefix] == min(y for y, n in counts.items() if n == best)  # ties to the smaller
+        assert tables[d][node] == min(y for y, n in counts.items() if n == best)  # ties to the smaller
+      assert (per_image[inside, d] == tables[d][node]).all()
+    # Nodes no prefix reaches are padding: no class.
+    assert (np.delete(tables[d], sorted(seen[d])) == -1).all()
   with pytest.raises(ValueError, match="depth"):
-    hedge.prefix_groups(codes, labels, 8, 4)
+    hedge.node_classes(index, labels, 4)
+  with pytest.raises(ValueError, match="labels must be int"):
+    hedge.node_classes(index, labels[:-1], 1)
 
 
 def test_group_posterior_sums_the_first_token_distribution_per_group():
@@ -105,7 +122,7 @@ def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
   run = open_trained_retriever(str(workdir), data_dir=str(data_dir))
   c, indexed, model, params = run.config, run.indexed, run.model, run.params
   tables, num_groups = hedge.index_groups(indexed.index, indexed.labels(), 2)
-  groups, pairs = tables
+  classes = hedge.image_classes(indexed.index, tables)     # [N, 2]: each image's prefixes' classes
   assert num_groups == indexed.dataset.num_classes
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   c.search.class_first = False   # the plain beam first (the runlocal config searches class first)
@@ -114,14 +131,13 @@ def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
   plain, _ = SearchProgram(c, model, params, indexed.index, hedge=hedge.Hedge(), **kw).run(
       indexed.dataset.query)
   hedged, _ = SearchProgram(c, model, params, indexed.index, hedge=rule, **kw).run(indexed.dataset.query)
-  codes = indexed.index.codes()
   assert (plain.top_groups[:, 0] != plain.top_groups[:, 1]).all()
   assert (np.diff(plain.group_probs, axis=1) <= 0).all() and (plain.group_probs.sum(1) <= 1 + 1e-5).all()
   np.testing.assert_array_equal(hedged.top_groups, plain.top_groups)
   assert hedged.hedged.all() and not plain.hedged.any()
   for i in range(len(plain.image_ids)):
     slot = hedged.image_ids[i, 4:6]
-    assert (groups[codes[slot, 0]] == plain.top_groups[i, 1]).all()
+    assert (classes[slot, 0] == plain.top_groups[i, 1]).all()
     rest = [x for x in plain.image_ids[i] if x not in slot]
     np.testing.assert_array_equal(np.delete(hedged.image_ids[i], [4, 5]), rest[:10])
   # Class first: every listed image's first token stands for the likeliest class, and the runner-up's
@@ -131,7 +147,7 @@ def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
       indexed.dataset.query)
   listed = first.image_ids >= 0
   assert listed.any(1).all()
-  assert (groups[codes[np.where(listed, first.image_ids, 0), 0]] == first.top_groups[:, :1])[listed].all()
+  assert (classes[np.where(listed, first.image_ids, 0), 0] == first.top_groups[:, :1])[listed].all()
   assert (plain.image_ids != first.image_ids).any()   # runlocal's decoder often starts elsewhere
   # At two levels, every listed image's two-token prefix stands for that class too.
   two, _ = SearchProgram(c, model, params, indexed.index, hedge=hedge.Hedge(),
@@ -139,11 +155,23 @@ def test_hedged_program_on_a_trained_workdir(fashion_runlocal_workdir):
   listed = two.image_ids >= 0
   assert listed.any(1).all()
   ids = np.where(listed, two.image_ids, 0)
-  assert (pairs[codes[ids, 0], codes[ids, 1]] == two.top_groups[:, :1])[listed].all()
-  assert (pairs[codes[ids, 0], codes[ids, 1]] == first.top_groups[:, :1])[listed].all()
-  assert not (pairs[codes[np.where(first.image_ids >= 0, first.image_ids, 0), 0],
-                    codes[np.where(first.image_ids >= 0, first.image_ids, 0), 1]]
+  assert (classes[ids, 1] == two.top_groups[:, :1])[listed].all()
+  assert (classes[ids, 1] == first.top_groups[:, :1])[listed].all()
+  assert not (classes[np.where(first.image_ids >= 0, first.image_ids, 0), 1]
               == first.top_groups[:, :1])[first.image_ids >= 0].all()   # one level lists others too
+  # At every level (class_levels = M), every listed image's identifier stands for that class: the
+  # images of other classes under the class's prefixes are not listed.
+  deep, _ = hedge.index_groups(indexed.index, indexed.labels(), 4)
+  every = hedge.image_classes(indexed.index, deep)
+  full, _ = SearchProgram(c, model, params, indexed.index, hedge=hedge.Hedge(),
+                          **{**kw, "groups": deep}).run(indexed.dataset.query)
+  listed = full.image_ids >= 0
+  assert listed.any(1).all()
+  np.testing.assert_array_equal(full.top_groups, first.top_groups)
+  ids = np.where(listed, full.image_ids, 0)
+  assert (every[ids] == full.top_groups[:, :1, None])[listed].all()
+  assert not (every[np.where(listed_two := two.image_ids >= 0, two.image_ids, 0), 3]
+              == two.top_groups[:, :1])[listed_two].all()          # two levels list others too
   # The retriever's class decision is worth reporting: it is right above chance on runlocal data.
   hit = plain.top_groups[:, 0] == indexed.dataset.labels("query")
   assert hit.mean() > 1 / num_groups
@@ -157,7 +185,7 @@ def test_program_drops_the_hedge_where_it_cannot_apply(fashion_runlocal_workdir)
   index = IndexedImages.open(wd, c, require_data=False).index
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   rule = hedge.Hedge(slots=1, at=10, threshold=0.5, beam_size=2)
-  groups = (np.zeros(index.num_tokens, np.int32),)
+  groups = (np.zeros(index.device_arrays().child_token[0].shape, np.int32),)
   assert SearchProgram(c, model, params, index, mesh=mesh, top_k=5, groups=groups, num_groups=3,
                        hedge=rule).hedge == hedge.Hedge()        # the list ends before place 10
   assert SearchProgram(c, model, params, index, mesh=mesh, top_k=20, groups=groups, num_groups=1,
@@ -178,11 +206,11 @@ def test_program_builds_its_classes_from_the_labels(fashion_runlocal_workdir):
   indexed = IndexedImages.open(wd, c, require_data=False)
   labels = indexed.labels()
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  for levels in (1, 2):
+  for levels, depth in ((1, 1), (2, 2), (-1, 4)):
     c.search.class_levels = levels
     program = SearchProgram(c, model, params, indexed.index, mesh=mesh, top_k=20, labels=labels)
-    tables, num_groups = hedge.index_groups(indexed.index, labels, levels)
-    assert program.class_levels == levels and program.num_groups == num_groups == 10
+    tables, num_groups = hedge.index_groups(indexed.index, labels, depth)
+    assert program.class_levels == depth and program.num_groups == num_groups == 10
     for built, expected in zip(program.groups, tables, strict=True):
       np.testing.assert_array_equal(built, expected)
   with pytest.raises(ValueError, match="not both"):
@@ -199,18 +227,23 @@ def test_program_builds_its_classes_from_the_labels(fashion_runlocal_workdir):
   assert uses_classes(c)
 
 
-@pytest.mark.parametrize("levels,codebook,needle", [(3, 256, "1 or 2"), (0, 256, "1 or 2"),
-                                                   (2, 4096, "codebook_size^class_levels")])
-def test_class_levels_are_validated(levels, codebook, needle):
+@pytest.mark.parametrize("levels", [0, 5])
+def test_class_levels_are_validated(levels):
   c = config_lib.load("configs/fashion_mnist.py:runlocal")
-  c.search.class_levels, c.ids.codebook_size = levels, codebook
-  with pytest.raises(config_lib.ConfigError, match=f"search.class_levels={levels}.*{re.escape(needle)}"):
+  c.search.class_levels = levels
+  with pytest.raises(config_lib.ConfigError,
+                     match=f"search.class_levels={levels}.*{re.escape('-1 (every level) or in 1..ids.length (4)')}"):
     config_lib.validate(c, num_devices=1)
+  c.search.class_levels, c.ids.codebook_size = 4, 4096    # per node: any depth, any codebook
+  config_lib.validate(c, num_devices=1)
+  c.search.class_levels, c.ids.length = -1, 2             # every level, whatever the length
+  config_lib.validate(c, num_devices=1)
+  assert class_levels(c) == 2
 
 
 def test_the_list_policy_tool_reproduces_the_evaluate_stage(fashion_runlocal_workdir, tmp_path):
   """benchmarks/list_policies.py searches a finished run with each policy through the evaluate stage's
-  program and metrics: the run's own policy (the runlocal config's: class first at two levels, the
+  program and metrics: the run's own policy (the runlocal config's: class first at every level, the
   hedge at 0.2) gives its report's IRGen figures exactly, and another policy other lists."""
   import importlib.util
   import json
@@ -222,15 +255,38 @@ def test_the_list_policy_tool_reproduces_the_evaluate_stage(fashion_runlocal_wor
   tool = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(tool)
   out = tool.main([f"--workdir={workdir}", f"--data_dir={data_dir}",
-                   "--policies=class_first2+hedge,plain", "--threshold", "0.2",
+                   "--policies=class_first4+hedge,plain", "--threshold", "0.2",
                    f"--json={tmp_path / 'p.json'}"])
   with open(workdir / "report" / "metrics.json") as f:
     irgen = json.load(f)["methods"]["irgen"]
-  got = out["policies"]["class_first2+hedge@0.2"]
+  got = out["policies"]["class_first4+hedge@0.2"]
   for k in tool.KS:
     assert got[f"P@{k}"] == irgen[f"precision@{k}"] and got[f"R@{k}"] == irgen[f"recall@{k}"]
   assert got["MAP@100"] == irgen["map@100"]
   assert out["policies"]["plain"]["hedged"] == 0.0
   assert json.loads((tmp_path / "p.json").read_text()) == json.loads(json.dumps(out))
-  with pytest.raises(SystemExit):
-    tool.main([f"--workdir={workdir}", "--policies=nope"])
+  for bad in ("nope", "class_first9"):     # unknown; deeper than the run's 4-token identifiers
+    with pytest.raises(SystemExit):
+      tool.main([f"--workdir={workdir}", f"--data_dir={data_dir}", f"--policies={bad}"])
+
+
+def test_evaluation_beams_widen_from_the_first_level_whose_beams_hold_too_few_images():
+  """Every IRGen column must come from a list of at least K images: a level is widened (with all after
+  it) where its B beams hold fewer than K / WIDEN_MARGIN images at the average node's N / n. The
+  Fashion-MNIST default's index keeps its two widened levels; a small folder's nearly unique two-token
+  prefixes widen from level 1 (where two levels listed ~30 images)."""
+  from irgen_jax.decoding.program import WIDEN_MARGIN, evaluation_beams, index_nodes
+  c = config_lib.load("configs/fashion_mnist.py")
+  assert c.search.beam_size == 30 and c.eval.map_at == 100 and c.ids.length == 4
+  assert evaluation_beams(c, 60000, (256, 24784, 54025, 58420)) == (30, 30, 100, 100)
+  assert evaluation_beams(c, 60000) == (30, 30, 100, 100)            # no index: the last two
+  assert evaluation_beams(c, 1438, (256, 1315, 1427, 1437)) == (30, 100, 100, 100)
+  assert evaluation_beams(c, 60000, (1, 1, 1, 1)) == 30                # coarse nodes: nothing to widen
+  n = 60000
+  nodes = (256, int(30 * n * WIDEN_MARGIN / 100) + 1, n, n)           # just past the bar at level 1
+  assert evaluation_beams(c, n, nodes) == (30, 100, 100, 100)
+  assert evaluation_beams(c, n, (256, nodes[1] - 2, n, n)) == (30, 30, 100, 100)
+  c.search.widen_to_list = False
+  assert evaluation_beams(c, 1438, (256, 1315, 1427, 1437)) == 30
+  index = Index.build(np.arange(40).reshape(10, 4) % 7, 8)
+  assert index_nodes(index) == (*index.nodes_per_depth[1:], index.num_identifiers)

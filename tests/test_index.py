@@ -283,14 +283,14 @@ def test_device_arrays_bucketed_shapes():
   assert index.dense_levels == (True, True, False)
   arrays = index.device_arrays()
   for d, n in enumerate(index.nodes_per_depth):
-    assert arrays.first_child[d].shape[0] == index_lib._bucket(n) + 1
+    assert arrays.first_child[d].shape[0] == index_lib.bucket_rows(n) + 1
     assert int(arrays.first_child[d][-1]) == int(index.first_child[d][-1])  # padded nodes: no children
     if index.dense_levels[d]:
-      assert arrays.masks[d].shape[0] == index_lib._bucket(n) >= n and arrays.max_fanout[d] == 0
+      assert arrays.masks[d].shape[0] == index_lib.bucket_rows(n) >= n and arrays.max_fanout[d] == 0
     else:
       assert arrays.masks[d] is None and arrays.word_rank[d] is None
       assert arrays.max_fanout[d] == 1 << (index.max_fanout(d) - 1).bit_length() >= index.max_fanout(d)
-  assert arrays.offsets.shape[0] == index_lib._bucket(index.num_identifiers) + 1
+  assert arrays.offsets.shape[0] == index_lib.bucket_rows(index.num_identifiers) + 1
   assert int(arrays.offsets[-1]) == index.num_images
   assert arrays.image_ids.shape[0] >= index.num_images
   exact = index.device_arrays(bucket=False)

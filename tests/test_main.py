@@ -23,6 +23,8 @@ import time
 import pytest
 
 from irgen_jax import config_lib
+from irgen_jax.decoding import program
+from irgen_jax.decoding.index import Index
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("data", "tokenizer", "retriever", "evaluate")
@@ -104,10 +106,13 @@ def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
   metrics = check_metrics(workdir, c.eval.ks)
   irgen = metrics["methods"]["irgen"]
   # Every IRGen column from one list at least as long as the longest a metric reads (MAP@100).
-  assert irgen["num_retrieved"] == 100
+  assert irgen["num_retrieved"] == 100 and irgen["mean_listed"] == 100
   diagnostics = metrics["diagnostics"]
   beam = diagnostics["beam"]
-  assert beam["beams"] == [8, 8, 100, 100] and beam["check_beams"] == [16, 16, 200, 200]
+  # The beams widened where the index's prefixes hold too few images (runlocal's 512: from the root).
+  index = Index.load(os.path.join(workdir, "index.irgx"), num_levels=None, num_tokens=None)
+  beams = list(program.evaluation_beams(c, index.num_images, program.index_nodes(index)))
+  assert beam["beams"] == beams == [100] * 4 and beam["check_beams"] == [200] * 4
   assert beam["queries"] == c.eval.beam_check_queries and 0.0 <= beam["certified"] <= 1.0
   for k in c.eval.ks:
     assert 0.0 <= beam[f"overlap@{k}"] <= 1.0 and -1.0 <= beam[f"precision_change@{k}"] <= 1.0
@@ -126,11 +131,11 @@ def test_fashion_runlocal_metrics(fashion_runlocal_workdir):
   # The Fashion default's list policy, named with the columns it produced.
   assert c.search.class_first and c.search.hedge.slots == 1
   info = metrics["method_info"]["irgen"]["settings"]
-  assert info["class_first"] and info["hedge_slots"] == 1 and info["class_levels"] == 2
+  assert info["class_first"] and info["hedge_slots"] == 1 and info["class_levels"] == 4   # every level
   assert "irgen searches class first" in md and "place 10 holds that class's best images" in md
-  assert "within the prefixes to 2 tokens (search.class_levels) of the class" in md
+  assert "within the prefixes to 4 tokens (search.class_levels) of the class" in md
   assert 0.0 <= ret["hedged"] <= 1.0
-  assert "beams per level [8, 8, 100, 100]" in md
+  assert "beams per level [100, 100, 100, 100]" in md and "Listed fewer than" not in md
   lists = diagnostics["lists"]   # runlocal's tiny model lists many non-positives
   assert lists["k"] == 10 and 0.0 < lists["wrong_places"] <= 1.0 and len(lists["images"]) == 3
   assert [m["lists"] for m in lists["images"]] == sorted((m["lists"] for m in lists["images"]), reverse=True)

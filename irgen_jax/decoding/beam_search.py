@@ -92,20 +92,37 @@ class PrefixClasses(NamedTuple):
   """A search within one class's part of the index: an identifier is allowed when the class of each of
   its first D prefixes is the query's ``target`` (the prefixes' classes: ``decoding.hedge``).
 
-  tables: D int32 arrays, ``tables[t]`` of shape [L] * (t + 1): the class of every prefix of t + 1
-    tokens (-1: none; never a target), e.g. ([L], [L, L]) for the first two levels.
+  tables: D int32 arrays, ``tables[t]`` the class of every depth-(t + 1) node of the index (every
+    prefix of t + 1 tokens), as long as the index's ``child_token[t]`` (padded the same way; -1: none,
+    never a target); ``hedge.node_classes`` builds them, D up to M.
   target: int32 [Q], each query's class.
   """
   tables: tuple
   target: jax.Array
 
 
-def _allowed(classes: PrefixClasses, tokens: jax.Array, t: int) -> jax.Array:
-  """bool [Q, B, L] (or [Q, 1, L] at the root): the tokens at level t whose prefix, the beam's tokens
-  0..t-1 plus the token, has the query's class."""
-  table = classes.tables[t]
-  rows = table[tuple(tokens[..., i] for i in range(t))] if t else table[None, None]
-  return rows == classes.target[:, None, None]
+def child_classes(index: IndexArrays, table: jax.Array, t: int, node: jax.Array,
+                  alive: jax.Array) -> jax.Array:
+  """int32 [Q, B, L]: the class (``table``, per depth-(t + 1) node) of the child of every beam's node
+  (``node`` int32 [Q, B], at depth t) by every token; -1 where that child does not exist (or the beam
+  is dead). The child's id is its rank among the node's children plus the node's first child's: at a
+  dense level a running count over the mask's bits, at a sparse one the slot of the token."""
+  num_tokens = index.num_tokens
+  if index.masks[t] is not None:
+    legal = _legal_tokens(index.masks[t][node], num_tokens) & alive[..., None]
+    child = index.first_child[t][node][..., None] + jnp.cumsum(legal, axis=-1, dtype=jnp.int32) - 1
+    return jnp.where(legal, table[jnp.where(legal, child, 0)], -1)
+  toks, used, child = _sparse_slots(index.first_child[t], index.child_token[t], index.max_fanout[t],
+                                    node, alive)
+  cls = jnp.where(used, table[jnp.where(used, child, 0)], -1)                 # [Q, B, F]
+  return _slot_values_per_token(toks, used, cls, num_tokens, -1)
+
+
+def _allowed(classes: PrefixClasses, index: IndexArrays, beams: "_Beams", t: int) -> jax.Array:
+  """bool [Q, B, L] (B = 1 at the root): the tokens at level t whose prefix, the beam's tokens 0..t-1
+  plus the token, has the query's class."""
+  cls = child_classes(index, classes.tables[t], t, beams.node, beams.alive)
+  return cls == classes.target[:, None, None]
 
 
 def _num_queries(queries: Any) -> int:
@@ -130,24 +147,40 @@ def _legal_tokens(rows: jax.Array, num_tokens: int) -> jax.Array:
 _COMPARE_MAX_FANOUT = 8
 
 
+def _sparse_slots(first_child: jax.Array, child_token: jax.Array, fanout: int, node: jax.Array,
+                  alive: jax.Array):
+  """A sparse level's child slots of every beam: (tokens int32 [Q,B,F], used bool [Q,B,F], child ids
+  int32 [Q,B,F]); ``fanout`` is the level's static number of slots."""
+  start = first_child[node]
+  count = first_child[node + 1] - start
+  slot = jnp.arange(fanout, dtype=jnp.int32)
+  used = (slot < count[..., None]) & alive[..., None]                          # [Q, B, F]
+  child = start[..., None] + slot
+  toks = child_token[jnp.where(used, child, 0)].astype(jnp.int32)
+  return toks, used, child
+
+
+def _slot_values_per_token(toks: jax.Array, used: jax.Array, values: jax.Array, num_tokens: int,
+                           fill) -> jax.Array:
+  """[Q, B, L]: each used slot's value at its token, ``fill`` elsewhere (a node's tokens are distinct)."""
+  q, b, fanout = toks.shape
+  if fanout <= _COMPARE_MAX_FANOUT:
+    hit = (toks[..., None] == jnp.arange(num_tokens)) & used[..., None]         # [Q, B, F, L]
+    if values.dtype == bool:   # the legal mask (values = used): a reduction XLA vectorizes well
+      return hit.any(axis=2)
+    return jnp.where(hit, values[..., None], fill).max(axis=2)
+  return jnp.full((q, b, num_tokens), fill, values.dtype).at[
+      jnp.arange(q)[:, None, None], jnp.arange(b)[None, :, None], jnp.where(used, toks, num_tokens)
+  ].set(values, mode="drop")
+
+
 def _sparse_children(first_child: jax.Array, child_token: jax.Array, fanout: int, num_tokens: int,
                      node: jax.Array, alive: jax.Array):
   """A sparse level's children of every beam: (legal bool [Q,B,L], tokens int32 [Q,B,F], used [Q,B,F]).
 
   ``first_child``/``child_token`` are the level's tables, ``fanout`` its static number of child slots."""
-  q, b = node.shape
-  start = first_child[node]
-  count = first_child[node + 1] - start
-  slot = jnp.arange(fanout, dtype=jnp.int32)
-  used = (slot < count[..., None]) & alive[..., None]                          # [Q, B, F]
-  toks = child_token[jnp.where(used, start[..., None] + slot, 0)].astype(jnp.int32)
-  if fanout <= _COMPARE_MAX_FANOUT:
-    legal = ((toks[..., None] == jnp.arange(num_tokens)) & used[..., None]).any(axis=2)
-  else:
-    legal = jnp.zeros((q, b, num_tokens), bool).at[
-        jnp.arange(q)[:, None, None], jnp.arange(b)[None, :, None], jnp.where(used, toks, num_tokens)
-    ].set(True, mode="drop")
-  return legal, toks, used
+  toks, used, _ = _sparse_slots(first_child, child_token, fanout, node, alive)
+  return _slot_values_per_token(toks, used, used, num_tokens, False), toks, used
 
 
 def _reorder(cache: Any, beam_idx: jax.Array, mode: str) -> Any:
@@ -188,14 +221,12 @@ LOOP_MODES = ("auto", "unroll", "scan")
 SCAN_MIN_LEVELS = 8
 
 
-def scanned_levels(index: IndexArrays, widths: tuple[int, ...], loop: str,
-                   first: int = 1) -> tuple[int, int]:
+def scanned_levels(index: IndexArrays, widths: tuple[int, ...], loop: str) -> tuple[int, int]:
   """The levels [s0, s1) that ``loop`` runs as one ``lax.scan`` ((0, 0): none): the longest run of sparse
-  levels, from ``first`` on (after the root, and after the levels a ``PrefixClasses`` search restricts:
-  those are unrolled), that keep the width their beams come in with (a scan's carry has one shape)."""
+  levels after the root that keep the width their beams come in with (a scan's carry has one shape)."""
   if loop == "unroll":
     return 0, 0
-  best, t, m = (0, 0), max(1, first), index.num_levels
+  best, t, m = (0, 0), 1, index.num_levels
   while t < m:
     if index.masks[t] is not None or widths[t] != widths[t - 1]:
       t += 1
@@ -326,7 +357,7 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
   q, m, num_tokens = _num_queries(queries), index.num_levels, index.num_tokens
   widths = beam_widths(beam_size, m)
   depth = len(classes.tables) if classes is not None else 0
-  s0, s1 = scanned_levels(index, widths, loop, first=depth) if constrained else (0, 0)
+  s0, s1 = scanned_levels(index, widths, loop) if constrained else (0, 0)
   context = decode_fns.init(params, queries)
   # Level 0 decodes the root once per query (every beam would see the same prefix); its W best tokens
   # become the beams, gathered from that one row.
@@ -346,21 +377,33 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
     legal_of, child_of = lookups(t)
     # The last step's cache is never read.
     return _level(decode_fns, params, context, beams, t, widths[t], num_tokens, legal_of, child_of,
-                  t + 1 < m, reorder, _allowed(classes, beams.tokens, t) if t < depth else None)
+                  t + 1 < m, reorder, _allowed(classes, index, beams, t) if t < depth else None)
 
   for t in range(s0):
     beams = unrolled(beams, t)
   if s1 > s0:
     fc, ct, fanout = _stacked_levels(index, s0, s1)
+    # A class-restricted search scans too (identifiers of 64+ tokens restricted at every level): each
+    # scanned level's node classes, stacked and padded like its child tokens (-1), and whether the
+    # level is restricted at all.
+    cls = jnp.stack([jnp.pad(classes.tables[t] if t < depth else jnp.zeros((0,), jnp.int32),
+                             (0, ct.shape[1] - (classes.tables[t].shape[0] if t < depth else 0)),
+                             constant_values=-1) for t in range(s0, s1)]) if depth > s0 else None
+    restricted = jnp.arange(s0, s1) < depth
 
     def body(beams, xs):
-      level, first_child, child_token = xs
+      level, first_child, child_token, table, restrict = xs
       legal_of, child_of = _sparse_lookups(first_child, child_token, fanout, num_tokens)
+      allowed = None
+      if table is not None:
+        toks, used, child = _sparse_slots(first_child, child_token, fanout, beams.node, beams.alive)
+        ok = used & (table[jnp.where(used, child, 0)] == classes.target[:, None, None])
+        allowed = _slot_values_per_token(toks, ok, ok, num_tokens, False) | ~restrict
       # The scan reorders the cache at every level (its body is one program); after the last level
       # of the search the reorder is wasted, once.
       return _level(decode_fns, params, context, beams, level, widths[s0], num_tokens, legal_of,
-                    child_of, True, reorder), None
-    beams, _ = jax.lax.scan(body, beams, (jnp.arange(s0, s1, dtype=jnp.int32), fc, ct))
+                    child_of, True, reorder, allowed), None
+    beams, _ = jax.lax.scan(body, beams, (jnp.arange(s0, s1, dtype=jnp.int32), fc, ct, cls, restricted))
   for t in range(s1, m):   # s0 = s1 = 0 when nothing is scanned: every level here
     beams = unrolled(beams, t)
   leaves = beams.node if constrained else jnp.full(beams.node.shape, -1, jnp.int32)
@@ -389,11 +432,15 @@ def _expand(leaves: jax.Array, scores: jax.Array, alive: jax.Array, offsets: jax
   return ids.astype(jnp.int32), jnp.where(found, jnp.take_along_axis(scores, beam, axis=1), -jnp.inf)
 
 
-def _check_classes(classes: PrefixClasses, q: int, num_tokens: int, num_levels: int) -> None:
+def _check_classes(classes: PrefixClasses, q: int, index: IndexArrays, constrained: bool) -> None:
+  if not constrained:
+    raise ValueError("classes need the index's constraint (constrained=True): the prefixes' classes are "
+                     "its nodes'.")
   shapes = [tuple(x.shape) for x in classes.tables]
-  if not 1 <= len(shapes) <= num_levels or any(s != (num_tokens,) * (t + 1) for t, s in enumerate(shapes)):
-    raise ValueError(f"classes.tables must be 1..{num_levels} arrays of shapes [L], [L, L], ... with "
-                     f"L={num_tokens}; got shapes {shapes}.")
+  want = [tuple(x.shape) for x in index.child_token]
+  if not 1 <= len(shapes) <= len(want) or shapes != want[:len(shapes)]:
+    raise ValueError(f"classes.tables must be 1..{len(want)} int arrays shaped like the index's "
+                     f"child_token tables {want} (one class per node, hedge.node_classes); got {shapes}.")
   if tuple(classes.target.shape) != (q,):
     raise ValueError(f"classes.target must be int [Q={q}]; got shape {tuple(classes.target.shape)}.")
 
@@ -430,9 +477,9 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
       static cache slices), "scan" (the longest run of sparse, equal-width levels as one ``lax.scan``:
       program size and compile time flat in M, for 64-256-token identifiers), or "auto" (scan only a
       run of at least ``SCAN_MIN_LEVELS`` levels). Both give the same search up to float rounding.
-    classes: optional ``PrefixClasses``: only identifiers whose first D prefixes have the query's class
-      (on top of the index's constraint), e.g. the search within one class (``decoding.hedge``). The
-      pruned bound then covers only the identifiers it allows.
+    classes: optional ``PrefixClasses``: only identifiers whose first D prefixes (D <= M) have the
+      query's class (on top of the index's constraint), e.g. the search within one class
+      (``decoding.hedge``). The pruned bound then covers only the identifiers it allows.
   Returns:
     ``SearchResult``: image_ids int32 [Q, K], scores float32 [Q, K], identifiers int32 [Q, W, M],
     identifier_scores float32 [Q, W] (W: the last level's width); beams in score order, each
@@ -441,7 +488,7 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
   _check_static(top_k, reorder, loop)
   beam_widths(beam_size, index.num_levels)
   if classes is not None:
-    _check_classes(classes, _num_queries(queries), index.num_tokens, index.num_levels)
+    _check_classes(classes, _num_queries(queries), index, constrained)
   tokens, leaves, scores, alive, bound = _decode(decode_fns, params, index, queries, beam_size,
                                                  constrained, reorder, loop, classes)
   if constrained:

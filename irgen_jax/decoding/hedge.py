@@ -6,17 +6,19 @@ p(class | query) / (images of the class): the beam lists one class, and which on
 class's mass spreads over first tokens as much as on the mass itself. Both policies read the class the
 retriever decides on directly:
 
-1. every prefix's *group* (class) is the majority label of the database images under it
-   (``prefix_groups``, from the index's codes and the database labels: meaningful when classes are
+1. every prefix's *group* (class) is the majority label of the database images under it, one per node
+   of the index (``node_classes``, from the index and the database labels: meaningful when classes are
    coarser than first tokens, as with Fashion-MNIST's 10 classes over 256 first tokens, not for
    In-shop's item ids);
 2. the retriever's first-token distribution summed per group is its class posterior
    (``group_posterior``), from the search's root step;
 3. ``class_first``: the search is restricted to the identifiers whose first ``search.class_levels``
    prefixes have the likeliest group (``beam_search(classes=PrefixClasses(...))``), so the list starts
-   in the class of most mass, not in a class of less mass concentrated on fewer first tokens; at two
-   levels it also skips the other classes' images that share a first token with the class's (a first
-   token's images are ~89% one class on Fashion-MNIST, a two-token prefix's ~95%);
+   in the class of most mass, not in a class of less mass concentrated on fewer first tokens; deeper
+   levels also skip the other classes' images that share a prefix with the class's (a first token's
+   images are ~89% one class on Fashion-MNIST, a two-token prefix's ~95%, a three-token one's
+   ~99.7%), and at every level (``class_levels = M``) every listed identifier's images are mostly of
+   the class;
 4. the hedge: where the runner-up group's posterior is at least ``threshold``, a second, narrow search
    within that group's prefixes gives ``slots`` images, which take the last ``slots`` of the first
    ``at`` places (``merge``); the main list moves down by as much, without the images the hedge lists.
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from irgen_jax.config_lib import MAX_PREFIX_CLASS_ENTRIES
+from irgen_jax.decoding import index as index_lib
 
 
 class Hedge(NamedTuple):
@@ -64,38 +66,72 @@ class Hedge(NamedTuple):
             "hedge_beam_size": self.beam_size}
 
 
-def prefix_groups(codes: np.ndarray, labels: np.ndarray, num_tokens: int, depth: int = 1) -> tuple:
-  """The class of every prefix of 1..``depth`` tokens: a tuple of ``depth`` int32 tables, the t-th of
-  shape [L] * (t + 1) (``beam_search.PrefixClasses``), each entry the majority label of the database
-  images whose identifier starts with that prefix (ties to the smaller label), -1 for a prefix no
-  labeled image starts with. ``codes`` int [N, M], ``labels`` int [N] (-1 = unknown, ignored)."""
-  codes, labels = np.asarray(codes), np.asarray(labels)
-  if not 1 <= depth <= codes.shape[1] or num_tokens ** depth > MAX_PREFIX_CLASS_ENTRIES:
-    raise ValueError(f"prefix classes need 1 <= depth <= M={codes.shape[1]} and L^depth <= "
-                     f"{MAX_PREFIX_CLASS_ENTRIES}; got depth={depth}, L={num_tokens}.")
-  keep = labels >= 0
-  codes, lab = codes[keep].astype(np.int64), labels[keep].astype(np.int64)
+def image_nodes(index) -> tuple[np.ndarray, list[np.ndarray]]:
+  """The index's node of every image's prefix at every depth: ``(image_ids int [N], nodes)``, with
+  ``nodes[t]`` int [N] the depth-(t + 1) node (the (t + 1)-token prefix, ``decoding.index``) of image
+  ``image_ids[i]``; images in index (lexicographic) order, ``nodes[M - 1]`` their identifiers."""
+  m = index.num_levels
+  node = np.repeat(np.arange(index.num_identifiers, dtype=np.int64), np.diff(index.offsets))
+  nodes = [node]
+  for d in range(m - 1, 0, -1):   # a depth-(d + 1) node's parent at depth d
+    parent = np.repeat(np.arange(index.nodes_per_depth[d], dtype=np.int64), np.diff(index.first_child[d]))
+    node = parent[node]
+    nodes.append(node)
+  return np.asarray(index.image_ids), nodes[::-1]
+
+
+def node_classes(index, labels: np.ndarray, depth: int = 1, *, bucket: bool = True) -> tuple:
+  """The class of every prefix of 1..``depth`` tokens of an ``Index``: a tuple of ``depth`` int32
+  tables, ``tables[t]`` indexed by the depth-(t + 1) node id and padded as ``index.device_arrays(
+  bucket=bucket)`` pads that level's nodes (``beam_search.PrefixClasses``): the majority label of the
+  database images under the node (ties to the smaller label), -1 for a node no labeled image is under
+  (and padding). ``labels`` int [N] by image id (-1 = unknown, ignored).
+
+  Per node, not per prefix: a table of L^D entries would bound D by memory (two levels at L = 256),
+  while the nodes are at most N per level, so a search can keep every level of the identifier, down to
+  the identifiers themselves, within its class."""
+  labels = np.asarray(labels)
+  if not 1 <= depth <= index.num_levels:
+    raise ValueError(f"prefix classes need 1 <= depth <= M={index.num_levels}; got depth={depth}.")
+  if labels.shape != (index.num_images,):
+    raise ValueError(f"labels must be int [N={index.num_images}]; got shape {labels.shape}.")
+  image_ids, nodes = image_nodes(index)
+  lab = labels[image_ids].astype(np.int64)
+  keep = lab >= 0
+  g = int(lab.max()) + 1 if keep.any() else 1
   tables = []
-  for d in range(1, depth + 1):
-    size = num_tokens ** d
+  for t in range(depth):
+    n = index.nodes_per_depth[t + 1] if t + 1 < index.num_levels else index.num_identifiers
+    size = index_lib.bucket_rows(n) if bucket else max(n, 1)
     out = np.full(size, -1, np.int32)
-    if len(lab):
-      key = np.ravel_multi_index(tuple(codes[:, :d].T), (num_tokens,) * d)
-      used, key = np.unique(key, return_inverse=True)     # counts over used prefixes only: O(N + U*C)
-      counts = np.zeros((len(used), int(lab.max()) + 1), np.int64)
-      np.add.at(counts, (key.reshape(-1), lab), 1)
-      out[used] = counts.argmax(1)
-    tables.append(out.reshape((num_tokens,) * d))
+    # The majority label per node from the (node, label) pairs' counts: sorted by node, then count
+    # (most first), then label (ties to the smaller); each node's first pair. O(N log N), no [n, G] table.
+    pairs, counts = np.unique(nodes[t][keep] * g + lab[keep], return_counts=True)
+    node, label = pairs // g, pairs % g
+    order = np.lexsort((label, -counts, node))
+    first = order[np.concatenate([[True], np.diff(node[order]) != 0])] if len(order) else order
+    out[node[first]] = label[first]
+    tables.append(out)
   return tuple(tables)
 
 
 def index_groups(index, labels: np.ndarray, depth: int = 1) -> tuple[tuple, int]:
-  """(``prefix_groups`` tables, G) of an ``Index`` whose images carry ``labels`` (int [N], -1 unknown):
+  """(``node_classes`` tables, G) of an ``Index`` whose images carry ``labels`` (int [N], -1 unknown):
   every prefix's majority label to ``depth`` tokens, and G = the largest label + 1 (0 when no image
   is labeled)."""
   labels = np.asarray(labels)
-  return (prefix_groups(index.codes(), labels, index.num_tokens, depth),
+  return (node_classes(index, labels, depth),
           int(labels.max()) + 1 if len(labels) and labels.max() >= 0 else 0)
+
+
+def image_classes(index, tables: tuple) -> np.ndarray:
+  """int32 [N, D]: the class (``node_classes`` tables) of every image's prefixes of 1..D tokens, by
+  image id: what a search within a class (``beam_search.PrefixClasses``) compares with its target."""
+  image_ids, nodes = image_nodes(index)
+  out = np.empty((index.num_images, len(tables)), np.int32)
+  for t, table in enumerate(tables):
+    out[image_ids, t] = np.asarray(table)[nodes[t]]
+  return out
 
 
 def group_posterior(root_logits: jax.Array, groups: jax.Array, num_groups: int) -> jax.Array:

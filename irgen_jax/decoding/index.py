@@ -301,7 +301,7 @@ class Index:
       if a is None:
         return None
       n = a.shape[0] - extra
-      target = (_bucket(n) if bucket else max(n, 1)) + extra
+      target = (bucket_rows(n) if bucket else max(n, 1)) + extra
       if target == a.shape[0]:
         return jnp.asarray(a)
       pad = np.full((target - a.shape[0], *a.shape[1:]), fill, a.dtype)
@@ -494,12 +494,12 @@ def abstract_arrays(num_images: int, num_levels: int, num_tokens: int, sharding:
   w, token, rank = num_words(num_tokens), _token_dtype(num_tokens), _rank_dtype(num_tokens)
   nodes = [min(num_tokens**d, num_images) for d in range(num_levels + 1)]  # nodes[M] = U
   return IndexArrays(
-      first_child=tuple(struct(_bucket(nodes[d]) + 1, jnp.int32) for d in range(num_levels)),
-      child_token=tuple(struct(_bucket(nodes[d + 1]), token) for d in range(num_levels)),
-      masks=tuple(struct(_bucket(nodes[d]), jnp.uint32, w) for d in range(num_levels)),
-      word_rank=tuple(struct(_bucket(nodes[d]), rank, w) for d in range(num_levels)),
-      offsets=struct(_bucket(nodes[num_levels]) + 1, jnp.int32),
-      image_ids=struct(_bucket(num_images), jnp.int32),
+      first_child=tuple(struct(bucket_rows(nodes[d]) + 1, jnp.int32) for d in range(num_levels)),
+      child_token=tuple(struct(bucket_rows(nodes[d + 1]), token) for d in range(num_levels)),
+      masks=tuple(struct(bucket_rows(nodes[d]), jnp.uint32, w) for d in range(num_levels)),
+      word_rank=tuple(struct(bucket_rows(nodes[d]), rank, w) for d in range(num_levels)),
+      offsets=struct(bucket_rows(nodes[num_levels]) + 1, jnp.int32),
+      image_ids=struct(bucket_rows(num_images), jnp.int32),
       num_tokens=num_tokens, max_fanout=(0,) * num_levels)
 
 
@@ -606,7 +606,7 @@ def _build_sorted(sorted_codes: np.ndarray, image_ids: np.ndarray, num_tokens: i
                offsets=offsets, image_ids=np.asarray(image_ids, np.int32))
 
 
-def _bucket(n: int) -> int:
+def bucket_rows(n: int) -> int:
   """The smallest size >= max(n, 1) of the form k * 2^e with 8 <= k < 16 (at most 1/8 larger than n)."""
   n = max(int(n), 1)
   if n <= 8:

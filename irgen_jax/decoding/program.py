@@ -74,20 +74,42 @@ def list_length(c: ml_collections.ConfigDict, num_images: int) -> int:
   return min(max(max(c.eval.ks), c.eval.map_at), num_images)
 
 
-def evaluation_beams(c: ml_collections.ConfigDict, num_images: int) -> int | tuple[int, ...]:
-  """The beams the evaluate stage searches with: ``search.beam_size`` B at every level, or, with
-  ``search.widen_to_list``, the last two levels widened to the list length K (``list_length``).
+# A level is widened when its B beams are expected to hold fewer than K / WIDEN_MARGIN images. The
+# expectation is the average node's (N / n images under each of the level's n nodes); beams follow
+# likely prefixes, which hold more images than the average (Fashion-MNIST's B = 30 two-token prefixes
+# hold 100+ images where the average gives 73), so the bar is half of K: measured on the default and
+# three folders, every list reached K (report: "images listed").
+WIDEN_MARGIN = 2
 
-  Identifiers are nearly unique (a node two levels above the leaves has a few children, one above them
-  about one), so B beams list about B images: metrics that read K > B images (MAP@100) would see a
-  list capped at B. Widening the last two levels lists about K identifiers, at the cost of 2 of the M
-  levels decoded with K beams instead of B; the first B of the list are at least as good as beam B's.
+
+def evaluation_beams(c: ml_collections.ConfigDict, num_images: int,
+                     nodes: tuple[int, ...] | None = None) -> int | tuple[int, ...]:
+  """The beams the evaluate stage searches with: ``search.beam_size`` B at every level, or, with
+  ``search.widen_to_list``, the levels from the first whose B prefixes hold too few images on from
+  there widened to the list length K (``list_length``).
+
+  Identifiers are nearly unique, so B beams at a level where nodes hold about one image each list about
+  B images: metrics that read K > B images (MAP@100) would see a list capped at B. ``nodes`` (n_1, ...,
+  n_M): the index's nodes per depth 1..M (``index_nodes``); a level t is widened, with every level after
+  it, when B * N / n_{t+1} < K / ``WIDEN_MARGIN``. Without ``nodes`` the last two levels (60,000
+  Fashion-MNIST images: the same beams). Widening costs the widened levels decoded with K beams instead
+  of B; the first B of the list are at least as good as beam B's.
   """
   b, m = int(c.search.beam_size), int(c.ids.length)
   k = list_length(c, num_images)
   if not c.search.get("widen_to_list", False) or k <= b:
     return b
-  return (b,) * (m - 2) + (k,) * min(2, m)
+  if nodes is None:
+    first = max(0, m - 2)
+  else:
+    few = [t for t in range(m) if b * num_images < nodes[t] * k / WIDEN_MARGIN]
+    first = few[0] if few else m
+  return (b,) * first + (k,) * (m - first) if first < m else b
+
+
+def index_nodes(index: Index) -> tuple[int, ...]:
+  """(n_1, ..., n_M): an index's nodes at depths 1..M (n_M: its identifiers), for ``evaluation_beams``."""
+  return (*index.nodes_per_depth[1:], index.num_identifiers)
 
 
 class Found(NamedTuple):
@@ -98,7 +120,7 @@ class Found(NamedTuple):
   pruned_bound float32 [Q]: the main search's bound (``beam_search.SearchResult``); a list whose K-th
     score is above it is the exact top K (``beam_search.certified``), for an unhedged list;
   top_groups int32 [Q, 2], group_probs float32 [Q, 2]: the retriever's two likeliest groups (classes,
-    ``hedge.prefix_groups``) and their posteriors, when the program was given groups (else -1, 0);
+    ``hedge.node_classes``) and their posteriors, when the program was given groups (else -1, 0);
   hedged bool [Q]: whose list holds hedge slots.
   """
   image_ids: jax.Array
@@ -116,8 +138,8 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
   with XLA's ``compiler_options`` (``cpu_compiler_options``).
 
   ``loop``: unrolled or scanned levels (``beam_search.beam_search``). With ``num_groups`` > 0 the
-  program takes the groups (classes) of the index's prefixes, D tables of shapes [L], [L, L], ...
-  (``hedge.prefix_groups``), and also returns the retriever's group posterior; then
+  program takes the groups (classes) of the index's prefixes to D tokens, one table per level, one entry
+  per node (``hedge.node_classes``), and also returns the retriever's group posterior; then
   (``decoding.hedge``) ``class_first`` restricts the search to the identifiers whose first D prefixes
   have the likeliest group, and ``hedge`` gives a few places to the runner-up's. The encoder runs once:
   every search starts from its tokens."""
@@ -137,7 +159,9 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
       # the search's own, which XLA computes once (compiled FLOPs: +0.02% on runlocal).
       root, _ = fns.step(params, fns.init(params, tokens), fns.init_cache(q, 1),
                          jnp.zeros((q, 1), jnp.int32), 0)
-      posterior = hedge_lib.group_posterior(root[:, 0], groups[0], num_groups)
+      first = beam_search.child_classes(arrays, groups[0], 0, jnp.zeros((1, 1), jnp.int32),
+                                        jnp.ones((1, 1), bool))[0, 0]      # [L]: each first token's
+      posterior = hedge_lib.group_posterior(root[:, 0], first, num_groups)
       posterior = jnp.pad(posterior, ((0, 0), (0, max(0, 2 - num_groups))))  # one group: a 0 runner-up
       probs, top = jax.lax.top_k(posterior, 2)
     res = beam_search.beam_search(fns, params, arrays, tokens, beam_size=beam_size, top_k=top_k,
@@ -159,7 +183,8 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
 
 def class_levels(c: ml_collections.ConfigDict) -> int:
   """D, the levels (prefixes of 1..D tokens) a class-first or hedged search keeps within its class."""
-  return int(c.search.get("class_levels", 1))
+  levels = int(c.search.get("class_levels", 1))
+  return int(c.ids.length) if levels == -1 else levels
 
 
 def cpu_compiler_options(c: ml_collections.ConfigDict, mesh) -> dict[str, Any] | None:
@@ -195,8 +220,8 @@ class SearchProgram:
     evaluate stage's (``evaluation_beams``). ``top_k``: default ``list_length``. The classes the
     index's prefixes stand for, for the retriever's class posterior, class first and the hedge: from
     ``labels`` (int [N], the database images' labels, -1 unknown; the prefixes to
-    ``search.class_levels`` tokens of an ``Index``), or as already built, ``groups`` (D int32 tables
-    [L], [L, L], ..., ``hedge.prefix_groups``) and ``num_groups``; neither: no classes (the plain
+    ``search.class_levels`` tokens of an ``Index``), or as already built, ``groups`` (D int32 tables,
+    one per level, ``hedge.node_classes``) and ``num_groups``; neither: no classes (the plain
     beam). ``hedge``: default the config's ``search.hedge`` (only with classes)."""
     if labels is not None:
       if groups is not None:
@@ -208,7 +233,8 @@ class SearchProgram:
     self.config, self.model, self.mesh = c, model, mesh
     self.arrays = index.device_arrays() if isinstance(index, Index) else index
     num_images = index.num_images if isinstance(index, Index) else int(self.arrays.image_ids.shape[0])
-    self.beam_size = beam_size or evaluation_beams(c, num_images)
+    self.beam_size = beam_size or evaluation_beams(
+        c, num_images, index_nodes(index) if isinstance(index, Index) else None)
     self.top_k = int(top_k or list_length(c, num_images))
     self.groups = groups
     self.num_groups = int(num_groups) if groups is not None else 0
@@ -248,7 +274,8 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
 
   ``search.query_batch_size`` queries (rounded up to a multiple of the chips, as a run rounds them) split
   over the ``data`` axis, the largest index of the config's N database images (``abstract_arrays``; N
-  from ``registry.database_size``), K = ``list_length``; params and index tables replicated, as in a run.
+  from ``registry.database_size``), K = ``list_length``, the beams ``evaluation_beams`` gives that
+  index; params and index tables replicated, as in a run.
   """
   num_images = registry.database_size(c.data)
   model = build.retriever(c)
@@ -261,9 +288,12 @@ def aot_program(c: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   # As the evaluate stage runs it: with the prefixes' classes (the class posterior, class first, the hedge).
   top_k, num_groups = list_length(c, num_images), registry.num_classes(c.data)
   class_first, hedge = list_policy(c, num_groups, top_k)
-  groups = tuple(jax.ShapeDtypeStruct((c.ids.codebook_size,) * (t + 1), jnp.int32, sharding=rep)
+  groups = tuple(jax.ShapeDtypeStruct(arrays.child_token[t].shape, jnp.int32, sharding=rep)
                  for t in range(class_levels(c)))
-  fn = search_function(model, beam_size=evaluation_beams(c, num_images), top_k=top_k,
+  # The beams of the largest index too (its nodes, as ``abstract_arrays`` counts them): a real one's
+  # are never wider.
+  worst = tuple(min(c.ids.codebook_size ** d, num_images) for d in range(1, c.ids.length + 1))
+  fn = search_function(model, beam_size=evaluation_beams(c, num_images, worst), top_k=top_k,
                        loop=c.search.get("loop", "auto"), num_groups=num_groups, hedge=hedge,
                        class_first=class_first)
   return {"beam_search": (fn, (params, arrays, images, groups))}
