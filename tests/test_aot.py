@@ -384,14 +384,14 @@ def test_search_program_database_size_and_lowering_on_cpu():
   assert name == "beam_search"
   q, s = config.search.query_batch_size, config.data.image_size
   assert args[2].shape == (q, s, s, 3)
-  levels, nodes = config.search.class_levels, [x.shape for x in args[1].child_token]
-  # The classes of the prefixes to class_levels tokens (the config's two, then one, then all M), one
-  # per node of the largest index.
-  assert levels == 2 and [g.shape for g in args[3]] == nodes[:2]
+  levels, nodes = program.class_levels(config), [x.shape for x in args[1].child_token]
+  # The classes of the prefixes to class_levels tokens (the config's every level, then one, then
+  # two), one per node of the largest index.
+  assert config.search.class_levels == -1 and levels == 4 and [g.shape for g in args[3]] == nodes
   out = jax.eval_shape(fn, *args)
   # K = max(ks, map_at) = 100 <= N; then the two likeliest classes, their posteriors, hedged or not.
   assert [x.shape for x in out] == [(q, 100), (q, 100), (q,), (q, 2), (q, 2), (q,)]
-  for levels in (1, config.ids.length):
+  for levels in (1, 2):
     config.search.class_levels = levels
     (_, (fn, args)), = program.aot_program(config, mesh).items()
     assert [g.shape for g in args[3]] == nodes[:levels]

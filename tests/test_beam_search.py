@@ -289,6 +289,30 @@ def test_prefix_classes_search_within_the_query_class(toy, layout, depth):
       missed = [all_scores[i, j] for j in np.flatnonzero(ok) if tuple(idents[j]) not in kept]
       assert max(missed, default=-np.inf) <= res.pruned_bound[i] + 1e-4
     assert not np.isfinite(res.identifier_scores[-1]).any() and (res.image_ids[-1] == -1).all()
+    # Filled: the same in-class list, then the out-of-class images (OUT_OF_CLASS lower, best first).
+    filled = jax.tree.map(np.asarray, bs.beam_search(fns, params, arrays, q, beam_size=beam, top_k=TOP_K,
+                                                     classes=classes, loop=loop, fill=True))
+    for i in range(len(QUERIES)):
+      own = res.image_ids[i] >= 0
+      n = own.sum()
+      np.testing.assert_array_equal(filled.image_ids[i, :n], res.image_ids[i, :n])
+      np.testing.assert_array_equal(filled.scores[i, :n], res.scores[i, :n])
+      alive = np.isfinite(filled.identifier_scores[i])
+      assert alive.sum() == min(beam, index.num_identifiers)   # every beam used
+      listed = sum(len(index.lookup(tuple(x))) for x in filled.identifiers[i][alive])
+      assert (filled.image_ids[i] >= 0).sum() == min(TOP_K, listed)
+      assert len(set(filled.image_ids[i][filled.image_ids[i] >= 0])) == min(TOP_K, listed)
+      got = filled.scores[i, :min(TOP_K, listed)]
+      assert (got[n:] < -bs.OUT_OF_CLASS / 2).all() and (np.diff(got) <= 0).all()
+      strays = [x for x in filled.identifiers[i][alive] if not allowed(x, i)]
+      np.testing.assert_allclose(filled.identifier_scores[i][alive][-len(strays) or len(alive):],
+                                 [numpy_logprob(params, QUERIES[i], x) - bs.OUT_OF_CLASS for x in strays],
+                                 rtol=1e-6, atol=0.02)
+      if beam > index.num_identifiers:   # every identifier kept: the strays in score order (to ~0.01)
+        want = np.flatnonzero(~np.array([allowed(x, i) for x in idents]))
+        assert {tuple(x) for x in strays} == {tuple(idents[j]) for j in want}
+        np.testing.assert_allclose([numpy_logprob(params, QUERIES[i], x) for x in strays],
+                                   np.sort(all_scores[i][want])[::-1], atol=0.02)
   with pytest.raises(ValueError, match="classes.target must be int"):
     bs.beam_search(fns, params, arrays, q, beam_size=4, top_k=TOP_K,
                    classes=classes._replace(target=jnp.zeros(2, jnp.int32)))

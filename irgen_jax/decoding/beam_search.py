@@ -45,6 +45,12 @@ from irgen_jax.decoding.index import IndexArrays
 # far below any real log-probability (float32 log_softmax of finite logits is > -1e30 by a wide margin).
 ILLEGAL_LOGPROB = -1e30
 
+# What a class-first search with ``fill`` subtracts, once, from an identifier whose prefix leaves the
+# query's class: more than any identifier's -log-probability (float32 log_softmax of a trained model's
+# logits stays above -100 a token), so every in-class identifier ranks first; small enough that float32
+# still resolves the out-of-class scores below it to ~0.01.
+OUT_OF_CLASS = 1e5
+
 REORDER_MODES = ("gather", "one_hot")
 
 
@@ -263,17 +269,19 @@ class _Beams(NamedTuple):
   tokens: jax.Array    # int32 [Q, B, M]
   prev: jax.Array      # int32 [Q, B]: the last token
   bound: jax.Array     # float32 [Q]: the best legal candidate dropped so far
+  stray: jax.Array     # bool [Q, B]: a ``fill`` search's prefixes that left the query's class
 
 
 def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: Any, w: int,
            num_tokens: int, legal_of, child_of, reorder_cache: bool, reorder: str,
-           allowed: jax.Array | None = None) -> _Beams:
+           allowed: jax.Array | None = None, fill: bool = False) -> _Beams:
   """One level: decode, mask, keep the W best of B x L candidates, follow them in the index.
 
   ``legal_of(node, alive) -> (legal [Q,B,L], aux)`` and ``child_of(aux, parent, beam_idx, tok) -> rank``
   are the level's index lookups (dense bit masks or sparse child lists; ``None`` unconstrained); ``t``
   an int or, inside a scan, a traced scalar; ``allowed`` (bool [Q, B or 1, L]) narrows the beams' legal
-  tokens further (a level of a ``PrefixClasses`` search)."""
+  tokens further (a level of a ``PrefixClasses`` search), or with ``fill`` ranks the others below every
+  allowed one (``OUT_OF_CLASS``, once per prefix: a stray stays one)."""
   q, b = beams.node.shape
   rows_q = jnp.arange(q)[:, None]
   logits, cache = decode_fns.step(params, context, beams.cache, beams.prev, t)
@@ -283,7 +291,12 @@ def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: A
     legal, aux = jnp.broadcast_to(beams.alive[..., None], logp.shape), None
   else:
     legal, aux = legal_of(beams.node, beams.alive)
-  if allowed is not None:
+  strays = None
+  if allowed is not None and fill:
+    strays = beams.stray[..., None] | ~allowed                       # [Q, B, L]
+    logp = logp - jnp.where(strays & ~beams.stray[..., None], OUT_OF_CLASS, 0.0)
+    strays = strays.reshape(q, b * num_tokens)
+  elif allowed is not None:
     legal = legal & allowed
   cand = (beams.scores[..., None] + jnp.where(legal, logp, ILLEGAL_LOGPROB)).reshape(q, b * num_tokens)
   legal_flat = legal.reshape(q, b * num_tokens)
@@ -291,6 +304,8 @@ def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: A
     pad = w + 1 - b * num_tokens
     cand = jnp.concatenate([cand, jnp.full((q, pad), -jnp.inf, cand.dtype)], axis=1)
     legal_flat = jnp.concatenate([legal_flat, jnp.zeros((q, pad), bool)], axis=1)
+    if strays is not None:
+      strays = jnp.concatenate([strays, jnp.zeros((q, pad), bool)], axis=1)
   # One candidate more than kept: the best dropped one bounds every identifier below it. The barrier
   # keeps XLA's CPU backend on its partial-sort top-k: it lowers top_k to a full sort plus a slice and
   # turns that back into a top-k only when a single slice reads the result, and here two do (the W
@@ -311,9 +326,10 @@ def _level(decode_fns: DecodeFns, params: Any, context: Any, beams: _Beams, t: A
     node = jnp.where(alive, child_of(aux, parent, beam_idx, tok), 0)
   tokens = beams.tokens[rows_q, beam_idx]
   tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[..., None], t, axis=2)
+  stray = beams.stray[rows_q, beam_idx] if strays is None else jnp.take_along_axis(strays, flat, axis=1)
   if reorder_cache:
     cache = _reorder(cache, beam_idx, reorder)
-  return _Beams(cache, node, alive, scores, tokens, tok, bound)
+  return _Beams(cache, node, alive, scores, tokens, tok, bound, stray & alive)
 
 
 def _dense_lookups(masks: jax.Array, word_rank: jax.Array, first_child: jax.Array, num_tokens: int):
@@ -348,7 +364,7 @@ def _sparse_lookups(first_child: jax.Array, child_token: jax.Array, fanout: int,
 
 def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any,
             beam_size: int | tuple[int, ...], constrained: bool, reorder: str, loop: str,
-            classes: PrefixClasses | None = None):
+            classes: PrefixClasses | None = None, fill: bool = False):
   """The beam loop. Returns (tokens int32 [Q,W,M], leaf ids int32 [Q,W], scores f32 [Q,W], alive [Q,W],
   pruned_bound f32 [Q]) with W the last level's width.
 
@@ -364,7 +380,7 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
   beams = _Beams(cache=decode_fns.init_cache(q, 1), node=jnp.zeros((q, 1), jnp.int32),
                  alive=jnp.ones((q, 1), bool), scores=jnp.zeros((q, 1), jnp.float32),
                  tokens=jnp.zeros((q, 1, m), jnp.int32), prev=jnp.zeros((q, 1), jnp.int32),
-                 bound=jnp.full((q,), -jnp.inf, jnp.float32))
+                 bound=jnp.full((q,), -jnp.inf, jnp.float32), stray=jnp.zeros((q, 1), bool))
 
   def lookups(t):
     if not constrained:
@@ -377,7 +393,7 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
     legal_of, child_of = lookups(t)
     # The last step's cache is never read.
     return _level(decode_fns, params, context, beams, t, widths[t], num_tokens, legal_of, child_of,
-                  t + 1 < m, reorder, _allowed(classes, index, beams, t) if t < depth else None)
+                  t + 1 < m, reorder, _allowed(classes, index, beams, t) if t < depth else None, fill)
 
   for t in range(s0):
     beams = unrolled(beams, t)
@@ -402,7 +418,7 @@ def _decode(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any
       # The scan reorders the cache at every level (its body is one program); after the last level
       # of the search the reorder is wasted, once.
       return _level(decode_fns, params, context, beams, level, widths[s0], num_tokens, legal_of,
-                    child_of, True, reorder, allowed), None
+                    child_of, True, reorder, allowed, fill), None
     beams, _ = jax.lax.scan(body, beams, (jnp.arange(s0, s1, dtype=jnp.int32), fc, ct, cls, restricted))
   for t in range(s1, m):   # s0 = s1 = 0 when nothing is scanned: every level here
     beams = unrolled(beams, t)
@@ -456,10 +472,11 @@ def _check_static(top_k: int, reorder: str, loop: str) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("decode_fns", "beam_size", "top_k", "reorder", "constrained",
-                                             "loop"))
+                                             "loop", "fill"))
 def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries: Any, *, beam_size: int,
                 top_k: int, reorder: str = "gather", constrained: bool = True,
-                loop: str = "auto", classes: PrefixClasses | None = None) -> SearchResult:
+                loop: str = "auto", classes: PrefixClasses | None = None,
+                fill: bool = False) -> SearchResult:
   """Constrained beam search: the top-K database images of every query.
 
   Args:
@@ -480,6 +497,11 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
     classes: optional ``PrefixClasses``: only identifiers whose first D prefixes (D <= M) have the
       query's class (on top of the index's constraint), e.g. the search within one class
       (``decoding.hedge``). The pruned bound then covers only the identifiers it allows.
+    fill: with ``classes``, the identifiers they do not allow are not dropped but ranked after every
+      allowed one, their scores lowered by ``OUT_OF_CLASS`` (static): a class holding fewer than K
+      images still lists K, its own first. The allowed identifiers, their order and scores are the
+      search without ``fill``'s (out-of-class beams take only the places no allowed prefix fills);
+      the bound is then over every identifier, in these scores.
   Returns:
     ``SearchResult``: image_ids int32 [Q, K], scores float32 [Q, K], identifiers int32 [Q, W, M],
     identifier_scores float32 [Q, W] (W: the last level's width); beams in score order, each
@@ -490,7 +512,8 @@ def beam_search(decode_fns: DecodeFns, params: Any, index: IndexArrays, queries:
   if classes is not None:
     _check_classes(classes, _num_queries(queries), index, constrained)
   tokens, leaves, scores, alive, bound = _decode(decode_fns, params, index, queries, beam_size,
-                                                 constrained, reorder, loop, classes)
+                                                 constrained, reorder, loop, classes,
+                                                 fill and classes is not None)
   if constrained:
     ids, image_scores = _expand(leaves, scores, alive, index.offsets, index.image_ids, top_k)
   else:

@@ -140,9 +140,10 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
   ``loop``: unrolled or scanned levels (``beam_search.beam_search``). With ``num_groups`` > 0 the
   program takes the groups (classes) of the index's prefixes to D tokens, one table per level, one entry
   per node (``hedge.node_classes``), and also returns the retriever's group posterior; then
-  (``decoding.hedge``) ``class_first`` restricts the search to the identifiers whose first D prefixes
-  have the likeliest group, and ``hedge`` gives a few places to the runner-up's. The encoder runs once:
-  every search starts from its tokens."""
+  (``decoding.hedge``) ``class_first`` lists the identifiers whose first D prefixes have the likeliest
+  group first, then (where that group holds fewer than K images) the others (``beam_search``'s
+  ``fill``: their scores ``OUT_OF_CLASS`` lower), and ``hedge`` gives a few places to the runner-up's.
+  The encoder runs once: every search starts from its tokens."""
   if (hedge.enabled or class_first) and num_groups < 2:
     raise ValueError(f"a hedged or class-first search needs at least 2 groups (classes); got "
                      f"num_groups={num_groups}.")
@@ -165,7 +166,7 @@ def search_function(model: Retriever, *, beam_size: int | tuple[int, ...], top_k
       posterior = jnp.pad(posterior, ((0, 0), (0, max(0, 2 - num_groups))))  # one group: a 0 runner-up
       probs, top = jax.lax.top_k(posterior, 2)
     res = beam_search.beam_search(fns, params, arrays, tokens, beam_size=beam_size, top_k=top_k,
-                                  loop=loop,
+                                  loop=loop, fill=True,
                                   classes=beam_search.PrefixClasses(groups, top[:, 0]) if class_first
                                   else None)
     ids, scores = res.image_ids, res.scores

@@ -194,7 +194,8 @@ def results_markdown(*, dataset: str, num_database: int, num_queries: int, ks: S
       levels = " (search.class_levels)" if st.get("class_levels", 1) > 1 else ""
       out += ["", f"{n} searches class first (search.class_first): within the {prefixes}{levels} "
               "of the class its retriever finds likeliest (the first-token distribution summed per "
-              "class; a prefix's class is the majority label of the database images under it)."]
+              "class; a prefix's class is the majority label of the database images under it), "
+              "then, where that class holds fewer images than the list, the best of the others."]
     if st.get("hedge_slots"):
       r, at = st["hedge_slots"], st["hedge_at"]
       places = f"place {at} holds" if r == 1 else f"places {at - r + 1}-{at} hold"
